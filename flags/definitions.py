@@ -1,0 +1,94 @@
+"""The command-line flags of train.py and evaluate.py, defined once.
+
+Paper recipes are absl flagfiles beside this module: `python train.py --flagfile=flags/X.cfg`.
+Numbers that are fractions of 255 may be written as such: `--eps=8/255`.
+"""
+
+from absl import flags
+
+from again_tf import data, models
+from again_tf.defenses import registry
+
+
+def fraction(text, flag):
+    """Parses `0.031`, `8/255` or an empty value (None); a clear error otherwise."""
+    if text in (None, ""):
+        return None
+    try:
+        if "/" in text:
+            num, den = text.split("/")
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"--{flag}={text!r} is not a number or a fraction such as 8/255") from None
+
+
+def key_values(text, flag):
+    """Parses `beta=6,gamma=0.005` into {"beta": 6.0, "gamma": 0.005}."""
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--{flag}: expected name=value pairs separated by commas, got {item!r}")
+        try:
+            out[key.strip()] = float(value) if any(c in value for c in ".e") else int(value)
+        except ValueError:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def define_common():
+    flags.DEFINE_string("dataset", "fashion_mnist", f"Dataset: {', '.join(data.DATASETS)}.")
+    flags.DEFINE_string("data_dir", None, "Folder with the dataset's standard files (idx.gz, "
+                        "CIFAR binary/python tarball or folder, SVHN .mat) or a prepared "
+                        "tensorflow-datasets copy. Default: Debian's Fashion-MNIST, then tfds.")
+    flags.DEFINE_string("eps", None, "L-inf (or L2) radius in [0, 1] pixel units; fractions "
+                        "allowed (8/255). Default: the dataset's usual value (0.1 Fashion-MNIST, "
+                        "0.3 MNIST, 8/255 CIFAR/SVHN).")
+    flags.DEFINE_string("step_size", None, "PGD step in pixel units (fractions allowed). "
+                        "Default eps/4.")
+    flags.DEFINE_enum("norm", "linf", ["linf", "l2"], "Threat model.")
+    flags.DEFINE_integer("batch_size", 128, "Batch size.")
+    flags.DEFINE_integer("seed", 0, "Random seed (weights, shuffling, attack starts).")
+    flags.DEFINE_string("jit_compile", "auto", "XLA: true, false, or auto (on only when a GPU "
+                        "is visible; on CPU it was slower here).")
+
+
+def define_train():
+    define_common()
+    flags.DEFINE_string("defense", "pgd_at", f"Defense: {', '.join(registry.names())}.")
+    flags.DEFINE_string("defense_params", "", "Defense hyper-parameters as name=value pairs, "
+                        "e.g. beta=6.")
+    flags.DEFINE_string("model", "auto", f"Model: auto ({'small_cnn'} for 28x28 data, "
+                        f"preact_resnet18 otherwise) or one of {', '.join(models.MODELS)}.")
+    flags.DEFINE_integer("width", 0, "Width of small_cnn (0: its default, 32).")
+    flags.DEFINE_integer("epochs", 5, "Epochs.")
+    flags.DEFINE_enum("optimizer", "adam", ["sgd", "adam"], "Optimizer.")
+    flags.DEFINE_float("lr", 1e-3, "Learning rate.")
+    flags.DEFINE_enum("lr_schedule", "constant", ["constant", "piecewise", "cosine"],
+                      "piecewise: multiply by --lr_decay at each of --lr_milestones.")
+    flags.DEFINE_list("lr_milestones", [], "Epochs at which the piecewise schedule decays.")
+    flags.DEFINE_float("lr_decay", 0.1, "Piecewise decay factor.")
+    flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
+    flags.DEFINE_float("weight_decay", 0.0, "Coupled L2 weight decay (torch SGD style), e.g. 5e-4.")
+    flags.DEFINE_integer("attack_steps", 10, "PGD steps of the training attack.")
+    flags.DEFINE_integer("eval_steps", 10, "PGD steps of the per-epoch validation attack.")
+    flags.DEFINE_integer("val_size", 1000, "Training examples held out for validation "
+                         "(selects best.keras); 0: no validation.")
+    flags.DEFINE_integer("train_size", 0, "Use only the first N training examples (0: all).")
+    flags.DEFINE_integer("test_images", 1000, "Test images of the final table.")
+    flags.DEFINE_list("test_attacks", ["clean", "pgd20"], "Attacks of the final table.")
+    flags.DEFINE_string("out_dir", None, "Run folder. Default runs/<dataset>_<model>_<defense>.")
+    flags.DEFINE_bool("resume", False, "Continue the run in --out_dir from its last checkpoint.")
+    flags.DEFINE_integer("verbose", 1, "0 silent, 1 progress bar, 2 one line per epoch.")
+
+
+def define_evaluate():
+    define_common()
+    flags.DEFINE_string("model_path", None, "A .keras file, or a run folder of train.py "
+                        "(its model.keras; --checkpoint=best for best.keras).")
+    flags.DEFINE_enum("checkpoint", "final", ["final", "best"], "Which model of a run folder.")
+    flags.DEFINE_list("attacks", ["clean", "pgd10", "pgd20", "cw"], "Attacks: clean, fgsm, "
+                      "pgdK (e.g. pgd20), cw or cwK.")
+    flags.DEFINE_integer("num_images", 1000, "Evaluate on the first N test images (0: all).")
+    flags.DEFINE_string("report", None, "JSON report path. Default: <model folder>/eval.json.")

@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="again_tf",
+    version="0.1.0",
+    description="Adversarial training (AGAIN, CAS/CIFS, BAT, TRADES, MART, AWP, ...) and "
+                "robustness evaluation for TensorFlow 2 / Keras 3",
+    packages=find_packages(include=["again_tf", "again_tf.*", "flags"]),
+    package_data={"flags": ["*.cfg"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "tensorflow>=2.16",
+        "keras>=3.0",
+        "tensorflow-datasets",
+        "importlib_resources",  # tensorflow-datasets imports it when downloading
+        "keras-tuner",
+        "absl-py",
+        "matplotlib",
+        "scipy",  # SVHN's .mat files
+        "numpy",
+    ],
+    extras_require={
+        "gpu": ["tensorflow[and-cuda]>=2.16"],
+        "test": ["pytest", "pytest-timeout"],
+    },
+)

@@ -1,0 +1,272 @@
+"""Tests of again_tf.models: shapes, insertion points, normalization, saving, export."""
+
+import inspect
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras import ops
+
+from again_tf import models
+from again_tf.models import forward
+
+NUM_CLASSES = 5
+CALLS = []  # (layer name, labels, feature-map shape) of every ScaleWithAuxHead call
+
+
+@keras.saving.register_keras_serializable(package="again_tf_tests")
+class ScaleWithAuxHead(keras.layers.Layer):
+    """Scales a feature map by a learned per-channel vector and adds an auxiliary head."""
+
+    def __init__(self, aux_classes, **kwargs):
+        super().__init__(**kwargs)
+        self.aux_classes = aux_classes
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        self.scale = self.add_weight(shape=(channels,), name="scale",
+                                     initializer=keras.initializers.RandomUniform(0.5, 1.5))
+        self.kernel = self.add_weight(shape=(channels, self.aux_classes), name="kernel",
+                                      initializer="glorot_uniform")
+
+    def call(self, h, labels=None, training=None):
+        CALLS.append((self.name, labels, tuple(h.shape)))
+        h = h * self.scale
+        return h, ops.matmul(ops.mean(h, axis=(1, 2)), self.kernel)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(aux_classes=self.aux_classes)
+        return config
+
+
+def resnet_points(stages, blocks):
+    return tuple(f"stage{s}.block{b}" for s in range(1, stages + 1) for b in range(blocks)) + (
+        "penultimate",)
+
+
+# name -> (constructor of a small instance, input shape, feature size, insertion points)
+ARCHS = {
+    "small_cnn": (lambda **kw: models.SmallCNN(NUM_CLASSES, width=4, hidden=16, **kw),
+                  (8, 8, 1), 16, ("stage1", "stage2", "penultimate")),
+    "resnet18": (lambda **kw: models.ResNet18(NUM_CLASSES, **kw), (8, 8, 3), 512,
+                 resnet_points(4, 2)),
+    "preact_resnet18": (lambda **kw: models.PreActResNet18(NUM_CLASSES, **kw), (8, 8, 3), 512,
+                        resnet_points(4, 2)),
+    "wrn10_1": (lambda **kw: models.WideResNet(10, 1, num_classes=NUM_CLASSES, **kw),
+                (8, 8, 3), 64, resnet_points(3, 1)),
+}
+
+
+def images(shape, batch=2, seed=0):
+    return np.random.default_rng(seed).uniform(size=(batch,) + shape).astype("float32")
+
+
+def built(arch, **kwargs):
+    make, shape, _, _ = ARCHS[arch]
+    model = make(**kwargs)
+    model.build((None,) + shape)
+    return model, images(shape)
+
+
+@pytest.fixture(autouse=True)
+def clear_calls():
+    CALLS.clear()
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_shapes_and_points(arch):
+    model, x = built(arch)
+    _, _, features, points = ARCHS[arch]
+    assert model.points == points
+    assert model(x).shape == (2, NUM_CLASSES)
+    out = forward(model, x)
+    assert out["logits"].shape == (2, NUM_CLASSES)
+    assert out["features"].shape == (2, features)
+    assert out["aux_logits"] == []
+
+
+def test_deeper_wide_resnet_points_and_build_names():
+    assert models.WideResNet(16, 1).points == resnet_points(3, 2)
+    assert models.MODELS == ("small_cnn", "resnet18", "preact_resnet18", "wrn34_10")
+    for name, cls in [("small_cnn", models.SmallCNN), ("resnet18", models.ResNet18),
+                      ("preact_resnet18", models.PreActResNet18),
+                      ("wrn34_10", models.WideResNet)]:
+        model = models.build(name, 10)
+        assert type(model) is cls and not model.built
+    wrn = models.build("wrn", 7, depth=16, widen_factor=2, dropout=0.3)
+    assert (wrn.depth, wrn.widen_factor, wrn.dropout, wrn.num_classes) == (16, 2, 0.3, 7)
+    big = models.build("wrn34_10", 10)
+    assert (big.depth, big.widen_factor) == (34, 10)
+
+
+def test_forward_of_a_plain_keras_model():
+    plain = keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(3)])
+    out = forward(plain, images((4, 4, 1)))
+    assert out["logits"].shape == (2, 3)
+    assert out["aux_logits"] == [] and out["features"] is None
+
+
+@pytest.mark.parametrize("arch,mean,std", [
+    ("small_cnn", (0.3,), (0.4,)),
+    ("wrn10_1", (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)),
+    ("wrn10_1", (0.5,), (0.2,)),  # one value broadcast over three channels
+])
+def test_normalization_is_inside_the_model(arch, mean, std):
+    model, x = built(arch, mean=mean, std=std)
+    plain, _ = built(arch)
+    plain.set_weights(model.get_weights())
+    expected = plain((x - np.asarray(mean, "float32")) / np.asarray(std, "float32"))
+    np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mean_of_wrong_length_is_rejected():
+    with pytest.raises(ValueError, match="mean"):
+        built("wrn10_1", mean=(0.1, 0.2), std=(1.0, 1.0))
+
+
+def test_inserted_layers_get_labels_and_return_aux_logits_in_point_order():
+    # Given in the reverse of the order the forward pass reaches them.
+    inserts = {"penultimate": ScaleWithAuxHead(3, name="pen"),
+               "stage4.block1": ScaleWithAuxHead(4, name="s4")}
+    model, x = built("resnet18", inserts=inserts)
+    y = np.array([1, 3])
+    CALLS.clear()
+    out = forward(model, x, training=True, labels=y)
+    assert [a.shape for a in out["aux_logits"]] == [(2, 4), (2, 3)]
+    assert [c[0] for c in CALLS] == ["s4", "pen"]
+    for _, labels, shape in CALLS:
+        np.testing.assert_array_equal(labels, y)
+        assert shape == (2, 1, 1, 512)  # 8x8 input: 8, 8, 4, 2, 1
+
+    CALLS.clear()
+    model(x)  # the inference path: no labels
+    assert [(c[0], c[1]) for c in CALLS] == [("s4", None), ("pen", None)]
+
+    # The feature map the inserted layer returns is the one the head sees.
+    inserts["penultimate"].scale.assign(np.zeros(512, "float32"))
+    np.testing.assert_allclose(model(x), np.tile(model.fc.bias.numpy(), (2, 1)), atol=1e-6)
+
+
+def test_inserted_layer_after_a_small_cnn_stage():
+    model, x = built("small_cnn", inserts={"stage1": ScaleWithAuxHead(2, name="s1")})
+    CALLS.clear()
+    out = model.forward(x, labels=np.array([0, 1]))
+    assert [c[2] for c in CALLS] == [(2, 4, 4, 4)]
+    assert len(out["aux_logits"]) == 1 and out["aux_logits"][0].shape == (2, 2)
+
+
+def test_unknown_insertion_point_and_model_name():
+    valid = "stage5.block0.*stage1.block0.*stage4.block1, penultimate"
+    with pytest.raises(ValueError, match=valid):
+        models.ResNet18(10, inserts={"stage5.block0": ScaleWithAuxHead(2)})
+    with pytest.raises(ValueError, match="stage1, stage2, penultimate"):
+        models.build("small_cnn", 10, inserts={"stage3": ScaleWithAuxHead(2)})
+    names = "resnet50.*small_cnn, resnet18, preact_resnet18, wrn34_10"
+    with pytest.raises(ValueError, match=names):
+        models.build("resnet50", 10)
+    with pytest.raises(ValueError, match=r"depth.*\(depth - 4\) % 6 == 0.*depth=33"):
+        models.WideResNet(depth=33)
+    with pytest.raises(ValueError, match="depth=28"):
+        models.build("wrn34_10", 10, depth=28)
+    with pytest.raises(ValueError, match="num_classes=1"):
+        models.SmallCNN(1)
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+@pytest.mark.parametrize("arch,point", [
+    ("small_cnn", "stage2"), ("resnet18", "stage2.block0"), ("wrn10_1", "penultimate")])
+def test_keras_file_round_trip(arch, point, tmp_path):
+    model, x = built(arch, inserts={point: ScaleWithAuxHead(3)})
+    model(images(x.shape[1:], batch=8, seed=1), training=True)  # move the BN statistics
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert type(loaded) is type(model) and loaded.points == model.points
+    assert isinstance(loaded.inserts[point], ScaleWithAuxHead)
+    before, after = model.forward(x), loaded.forward(x)
+    np.testing.assert_allclose(after["logits"], before["logits"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(after["aux_logits"][0], before["aux_logits"][0], atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_config_round_trip(arch):
+    model = ARCHS[arch][0](mean=(0.1, 0.2, 0.3), std=(0.3, 0.2, 0.1),
+                           inserts={"penultimate": ScaleWithAuxHead(3)})
+    config = model.get_config()
+    params = set(inspect.signature(type(model).__init__).parameters) - {"self", "kwargs"}
+    assert params <= set(config)
+    assert set(config) - params <= {"name", "trainable", "dtype"}
+    clone = type(model).from_config(config)
+    assert clone.get_config() == config
+    assert clone.points == model.points
+    assert isinstance(clone.inserts["penultimate"], ScaleWithAuxHead)
+    again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(model))
+    assert type(again) is type(model) and again.get_config() == config
+
+
+@pytest.mark.parametrize("block", [
+    models.BasicBlock(6, strides=2), models.PreActBlock(6, strides=2),
+    models.WideBasicBlock(6, strides=2, dropout=0.3), models.ConvStage(6)])
+def test_blocks_on_odd_sizes_and_their_configs(block):
+    x = images((7, 7, 3))
+    y = block(x, training=True)
+    expected = (2, 3, 3, 6) if isinstance(block, models.ConvStage) else (2, 4, 4, 6)
+    assert y.shape == expected
+    assert tuple(block.compute_output_shape((None, 7, 7, 3)))[1:] == expected[1:]
+    clone = type(block).from_config(block.get_config())
+    assert clone.get_config() == block.get_config()
+    assert clone(x).shape == expected
+    assert len(clone.weights) == len(block.weights)
+
+
+def test_batchnorm_statistics_move_only_in_training():
+    model, x = built("small_cnn")
+    stats = lambda: [v.numpy().copy() for v in model.non_trainable_variables]  # noqa: E731
+    assert len(stats()) == 8  # moving mean and variance of four BatchNorms
+    start = stats()
+    model(x, training=False)
+    forward(model, x, training=False)
+    for a, b in zip(start, stats()):
+        np.testing.assert_array_equal(a, b)
+    model(x, training=True)
+    assert all(not np.allclose(a, b) for a, b in zip(start, stats()))
+
+
+def test_model_first_built_in_a_graph_runs_eagerly():
+    model = ARCHS["small_cnn"][0](mean=(0.5,), std=(0.25,))
+    x = images((8, 8, 1))
+    graph_logits = tf.function(lambda t: model(t))(tf.constant(x))
+    np.testing.assert_allclose(model(x), graph_logits, atol=1e-6)
+
+
+def test_export_serves_the_same_logits(tmp_path):
+    model = models.SmallCNN(10, width=4, hidden=16, mean=(0.29,), std=(0.35,))
+    model.build((None, 28, 28, 1))
+    x = images((28, 28, 1), batch=3)
+    path = str(tmp_path / "exported")
+    model.export(path, input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32)],
+                 verbose=False)
+    reloaded = tf.saved_model.load(path)  # keep a reference: it owns the variables
+    served = reloaded.serve(tf.constant(x))
+    np.testing.assert_allclose(served, model(x), rtol=1e-5, atol=1e-5)
+
+
+def trainable_count(model):
+    return sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+
+
+def test_parameter_counts_match_the_pytorch_models():
+    counts = {}
+    for name, shape in [("small_cnn", (28, 28, 1)), ("resnet18", (8, 8, 3)),
+                        ("preact_resnet18", (8, 8, 3)), ("wrn34_10", (8, 8, 3))]:
+        model = models.build(name, 10)
+        model.build((None,) + shape)
+        counts[name] = trainable_count(model)
+    assert counts == {
+        "small_cnn": 734_794,
+        "resnet18": 11_173_962,        # kuangliu/pytorch-cifar ResNet18
+        "preact_resnet18": 11_172_170,  # Bag-of-tricks/AWP PreActResNet18 (with final bn)
+        "wrn34_10": 46_160_474,         # TRADES/AWP WideResNet(34, 10)
+    }
