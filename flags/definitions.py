@@ -61,8 +61,9 @@ def define_train():
                         "e.g. beta=6.")
     flags.DEFINE_string("model", "auto", f"Model: auto ({'small_cnn'} for 28x28 data, "
                         f"preact_resnet18 otherwise) or one of {', '.join(models.MODELS)}.")
-    flags.DEFINE_integer("width", 0, "Width of small_cnn (0: its default, 32).")
-    flags.DEFINE_integer("epochs", 5, "Epochs.")
+    flags.DEFINE_integer("width", 0, "Channels of small_cnn's first stage (0: 16, which "
+                         "trains in minutes on a CPU; the classic CNN has 32). small_cnn only.")
+    flags.DEFINE_integer("epochs", 4, "Epochs.")
     flags.DEFINE_enum("optimizer", "adam", ["sgd", "adam"], "Optimizer.")
     flags.DEFINE_float("lr", 1e-3, "Learning rate.")
     flags.DEFINE_enum("lr_schedule", "constant", ["constant", "piecewise", "cosine"],

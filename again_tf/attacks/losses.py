@@ -16,8 +16,9 @@ def cross_entropy(logits, labels):
 def other_max(logits, labels):
     """max_{k != y} z_k: the largest logit among the classes other than the label."""
     logits = tf.cast(logits, tf.float32)
-    onehot = tf.one_hot(tf.cast(labels, tf.int32), tf.shape(logits)[-1], dtype=tf.bool)
-    return tf.reduce_max(tf.where(onehot, tf.constant(-float("inf")), logits), axis=-1)
+    is_label = tf.equal(tf.range(tf.shape(logits)[-1])[None, :],
+                        tf.cast(labels, tf.int32)[:, None])
+    return tf.reduce_max(tf.where(is_label, tf.constant(-float("inf")), logits), axis=-1)
 
 
 def cw_margin(logits, labels, confidence=50.0):

@@ -13,6 +13,7 @@ examples; ...). `AdversarialModel.train_step` runs them in this order:
     optimizer.apply(grads)
 """
 
+import keras
 import tensorflow as tf
 
 from again_tf.attacks import losses
@@ -32,8 +33,13 @@ def head_loss(outputs, labels, loss, aux_weight):
     return total
 
 
-class Objective:
+class Objective(keras.layers.Layer):
     """Base class of training objectives.
+
+    A Keras layer so that any state it owns (variables, a teacher model) is tracked by
+    the `AdversarialModel` holding it: saved in checkpoints, trained when trainable
+    (gradients of the objective's loss reach every trainable variable of the
+    `AdversarialModel` that the loss depends on), placed by distribution strategies.
 
     Args:
         aux_weight: β, the weight of the mean auxiliary-head loss for models with
@@ -41,15 +47,22 @@ class Objective:
 
     Subclasses set `name`, `uses_attack` (False: train on the clean batch), optionally
     `attack_options` (keyword arguments the training attack needs, e.g. TRADES'
-    `random_start="normal"`), and implement `loss`.
+    `random_start="normal"`), and implement `loss`; their `get_config` adds their own
+    constructor arguments.
     """
 
     name = "objective"
     uses_attack = True
     attack_options = {}
 
-    def __init__(self, aux_weight=2.0):
+    def __init__(self, aux_weight=2.0, **kwargs):
+        kwargs.setdefault("name", type(self).name)
+        super().__init__(**kwargs)
         self.aux_weight = float(aux_weight)
+
+    def build(self, input_shape):
+        """Creates the objective's own state, if any; `input_shape` is the images'."""
+        self.built = True
 
     def outputs(self, model, x, y, training):
         """Forward pass; label-conditioned layers see `y` whenever a defense runs."""
@@ -73,17 +86,31 @@ class Objective:
         raise NotImplementedError
 
     def get_config(self):
-        return {"aux_weight": self.aux_weight}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
+        return {**super().get_config(), "aux_weight": self.aux_weight}
 
 
-class Modifier:
-    """Base class of modifiers: hooks around the objective's gradient. All optional."""
+class Modifier(keras.layers.Layer):
+    """Base class of modifiers: hooks around the objective's gradient. All optional.
+
+    A Keras layer for the same reason as `Objective`.
+    """
 
     name = "modifier"
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("name", type(self).name)
+        super().__init__(**kwargs)
+
+    def build(self, input_shape):
+        """Creates the modifier's own state, if any; `input_shape` is the images'."""
+        self.built = True
+
+    def inserts(self, model):
+        """Layers to insert into the unbuilt `Classifier` `model`: {point: layer}.
+
+        Called once by `AdversarialModel.__init__`; the points must be in `model.points`.
+        """
+        return {}
 
     def before_gradient(self, adv_model, loss_fn):
         """Runs before the loss is recorded; `loss_fn()` returns the scalar batch loss."""
@@ -94,10 +121,3 @@ class Modifier:
     def example_weights(self, adv_model, x, x_adv, y):
         """Per-example loss weights `(batch,)`, or None for no reweighting."""
         return None
-
-    def get_config(self):
-        return {}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)

@@ -1,0 +1,38 @@
+"""Shared fixtures: small real Fashion-MNIST subsets and a briefly trained small CNN."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from again_tf import data, models  # noqa: E402
+
+
+def fashion(split):
+    x, y = data.load_arrays("fashion_mnist", split)
+    return x.astype(np.float32) / 255.0, y.astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def fashion_train():
+    return fashion("train[:3000]")
+
+
+@pytest.fixture(scope="session")
+def fashion_test():
+    return fashion("test[:500]")
+
+
+@pytest.fixture(scope="session")
+def trained_cnn(fashion_train):
+    """A small CNN trained normally for 2 epochs on 3,000 images (~80% clean accuracy)."""
+    keras.utils.set_random_seed(0)
+    model = models.SmallCNN(num_classes=10, width=8, hidden=64, mean=(0.286,), std=(0.353,))
+    model.compile(optimizer=keras.optimizers.Adam(2e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = fashion_train
+    model.fit(x, y, batch_size=64, epochs=3, verbose=0)
+    return model

@@ -1,0 +1,158 @@
+"""AdversarialModel: the exact update of a train step, weight decay, sample weights,
+validation metrics, real robustness on Fashion-MNIST, and MirroredStrategy."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from again_tf import defenses, evaluation, models
+from again_tf.attacks import PGD
+from again_tf.defenses import AdversarialModel
+
+
+def tiny_net(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(4, 3, activation="relu"),
+                             keras.layers.Flatten(), keras.layers.Dense(3)])
+
+
+def batch(n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(size=(n, 6, 6, 1)).astype(np.float32), rng.integers(0, 3, n)
+
+
+def one_step(adv, x, y, sw=None):
+    adv.compile(optimizer=keras.optimizers.SGD(0.5))
+    adv.attack.random_start = "none"  # deterministic, to compare with a manual step
+    adv.fit(x, y, sample_weight=sw, batch_size=len(x), epochs=1, verbose=0, shuffle=False)
+
+
+def manual_step(net, x_train, y, lr=0.5, wd=0.0, sw=None):
+    """w ← w − lr·(∇ mean_i sw_i·CE(f(x_i), y_i) + wd·w)."""
+    variables = net.trainable_variables
+    with tf.GradientTape() as tape:
+        per = keras.losses.sparse_categorical_crossentropy(y, net(x_train), from_logits=True)
+        loss = tf.reduce_mean(per if sw is None else per * sw)
+    grads = tape.gradient(loss, variables)
+    return [v.numpy() - lr * (g.numpy() + wd * v.numpy()) for v, g in zip(variables, grads)]
+
+
+@pytest.mark.parametrize("defense", ["none", "pgd_at"])
+def test_train_step_is_one_sgd_step_on_the_defense_loss(defense):
+    x, y = batch()
+    reference = tiny_net()
+    x_train = x
+    if defense == "pgd_at":
+        x_train = PGD(reference, eps=0.1, step_size=0.03, steps=4, random_start=False)(x, y)
+        assert np.abs(x_train.numpy() - x).max() > 0.05
+    expected = manual_step(reference, x_train, y)
+    adv = AdversarialModel(tiny_net(), defense=defense, eps=0.1, step_size=0.03, steps=4)
+    one_step(adv, x, y)
+    for e, v in zip(expected, adv.model.trainable_variables):
+        np.testing.assert_allclose(v.numpy(), e, rtol=1e-4, atol=1e-6)
+
+
+def test_weight_decay_is_coupled_l2_and_sample_weights_weight_the_mean():
+    x, y = batch()
+    sw = np.linspace(0.0, 2.0, len(x)).astype(np.float32)
+    expected = manual_step(tiny_net(), x, y, wd=0.1, sw=sw)
+    adv = AdversarialModel(tiny_net(), defense="none", weight_decay=0.1)
+    one_step(adv, x, y, sw)
+    for e, v in zip(expected, adv.model.trainable_variables):
+        np.testing.assert_allclose(v.numpy(), e, rtol=1e-4, atol=1e-6)
+
+
+def test_validation_logs_robust_accuracy(trained_cnn, fashion_test):
+    adv = AdversarialModel(trained_cnn, defense="pgd_at", eps=0.1, eval_steps=10)
+    adv.compile(optimizer="adam")
+    logs = adv.evaluate(*fashion_test, batch_size=250, return_dict=True, verbose=0)
+    assert set(logs) == {"loss", "accuracy", "robust_accuracy"}
+    direct = evaluation.evaluate(trained_cnn, *fashion_test, ["clean"], eps=0.1)["clean"]
+    assert logs["accuracy"] == pytest.approx(direct["accuracy"], abs=1e-6)
+    assert logs["robust_accuracy"] < logs["accuracy"] - 0.3
+
+
+def test_names_and_bad_hyperparameters():
+    assert {"none", "pgd_at"} <= set(defenses.names())
+    with pytest.raises(ValueError, match="Unknown defense 'bogus'.*pgd_at"):
+        AdversarialModel(tiny_net(), defense="bogus")
+    with pytest.raises(ValueError, match="takes no hyper-parameter"):
+        AdversarialModel(tiny_net(), defense="pgd_at", gamma=3.0)
+
+
+def test_pgd_at_beats_standard_training_on_fashion_mnist(fashion_train, fashion_test):
+    """The defense must really defend: PGD-10 accuracy well above standard training's."""
+    robust = {}
+    for defense in ("none", "pgd_at"):
+        keras.utils.set_random_seed(1)
+        net = models.SmallCNN(width=8, hidden=64, mean=(0.286,), std=(0.353,))
+        adv = AdversarialModel(net, defense=defense, eps=0.1, step_size=0.025, steps=5,
+                               eval_steps=0)
+        adv.compile(optimizer=keras.optimizers.Adam(2e-3))
+        adv.fit(*fashion_train, batch_size=64, epochs=3, verbose=0)
+        robust[defense] = evaluation.evaluate(net, *fashion_test, ["pgd10"], eps=0.1)["pgd10"][
+            "accuracy"]
+    assert robust["pgd_at"] > robust["none"] + 0.2, robust
+
+
+MIRRORED = textwrap.dedent("""
+    import os, sys
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    import numpy as np, tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    from again_tf.defenses import AdversarialModel
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(16, 6, 6, 1)).astype(np.float32); y = rng.integers(0, 3, 16)
+
+    def run(strategy):
+        with strategy.scope():
+            keras.utils.set_random_seed(0)
+            net = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(4, 3, activation="relu"),
+                                    keras.layers.Flatten(), keras.layers.Dense(3)])
+            adv = AdversarialModel(net, defense=sys.argv[1], eps=0.1, step_size=0.03, steps=3,
+                                   weight_decay=0.01)
+            adv.attack.random_start = "none"
+            adv.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9))
+        adv.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), epochs=2, verbose=0)
+        return [v.numpy() for v in net.trainable_variables]
+
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    assert len(devices) == 2, devices
+    one = run(tf.distribute.OneDeviceStrategy(devices[0]))
+    two = run(tf.distribute.MirroredStrategy(devices))
+    print(max(float(np.abs(a - b).max()) for a, b in zip(one, two)))
+""")
+
+
+@pytest.mark.parametrize("defense", ["pgd_at"])
+def test_mirrored_strategy_matches_one_device(defense):
+    """Two replicas of 8 examples take the same steps as one device with 16."""
+    out = subprocess.run([sys.executable, "-c", MIRRORED, defense], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__)), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(out.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+def test_xla_train_and_test_steps_trace_once():
+    x, y = batch(48)
+    adv = AdversarialModel(tiny_net(), defense="pgd_at", eps=0.1, steps=2, eval_steps=2)
+    adv.compile(optimizer="adam", jit_compile=True)
+    traces = []
+    step = adv.train_step
+    adv.train_step = lambda data: traces.append(1) or step(data)  # Python runs once per trace
+    adv.fit(x, y, batch_size=16, epochs=1, verbose=0, validation_data=(x, y))
+    first = len(traces)  # tf.function may trace twice on a call that creates variables
+    assert first <= 2
+    w = [v.numpy() for v in adv.model.trainable_variables]
+    adv.fit(x, y, batch_size=16, epochs=2, verbose=0, validation_data=(x, y))
+    assert len(traces) == first
+    assert any(not np.allclose(a, v.numpy()) for a, v in zip(w, adv.model.trainable_variables))

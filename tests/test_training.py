@@ -1,0 +1,183 @@
+"""A run's life: CLI errors, out_dir protection, atomic checkpoints, resume, NaN, export."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from again_tf import checkpoint, training
+from again_tf.defenses import PGDAT, registry
+from again_tf.training import RunError, TrainConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = dict(width=4, train_size=640, val_size=128, test_images=64, attack_steps=2, eval_steps=2,
+             batch_size=64, verbose=0)
+
+
+def run_cli(*args, script="train.py"):
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+def files(directory):
+    out = {}
+    for root, _, names in os.walk(directory):
+        for n in names:
+            p = os.path.join(root, n)
+            out[p] = os.path.getmtime(p)
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("run") / "a")
+    result = training.train(TrainConfig(epochs=2, out_dir=out, **SMALL))
+    return out, result
+
+
+def test_run_writes_everything_atomically(finished_run):
+    out, result = finished_run
+    for name in ("run.json", "metrics.csv", "metrics.json", "results.json", "model.keras",
+                 "best.keras", "saved_model/saved_model.pb", "checkpoint/last.weights.h5",
+                 "checkpoint/best.weights.h5", "checkpoint/state.json"):
+        assert os.path.exists(os.path.join(out, name)), name
+    assert not [p for p in files(out) if ".tmp" in p]
+    history = json.load(open(os.path.join(out, "metrics.json")))
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert {"loss", "adv_accuracy", "val_accuracy", "val_robust_accuracy"} <= set(history[0])
+    state = json.load(open(os.path.join(out, "checkpoint/state.json")))
+    best = max(history, key=lambda h: h["val_robust_accuracy"])
+    assert state["epoch"] == 2 and state["best"] == pytest.approx(best["val_robust_accuracy"])
+    assert set(result) >= {"clean", "pgd20"} and 0 <= result["pgd20"] <= result["clean"] <= 1
+
+
+def test_export_serves_the_same_predictions_in_a_fresh_process(finished_run, tmp_path):
+    out, _ = finished_run
+    import keras
+
+    from again_tf import data
+    x = data.load_arrays("fashion_mnist", "test[:32]")[0].astype(np.float32) / 255
+    np.save(tmp_path / "x.npy", x)
+    code = ("import sys, numpy as np, tensorflow as tf; m = tf.saved_model.load(sys.argv[1]); "
+            "np.save(sys.argv[3], m.serve(np.load(sys.argv[2])).numpy())")
+    subprocess.run([sys.executable, "-c", code, os.path.join(out, "saved_model"),
+                    str(tmp_path / "x.npy"), str(tmp_path / "y.npy")], check=True, timeout=300)
+    keras_logits = keras.models.load_model(os.path.join(out, "model.keras"))(x)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), keras_logits, atol=1e-4)
+
+
+def test_out_dir_holding_a_run_is_refused_and_untouched(finished_run):
+    out, _ = finished_run
+    before = files(out)
+    with pytest.raises(RunError, match="holds a run already.*--resume"):
+        training.train(TrainConfig(epochs=3, out_dir=out, **SMALL))
+    with pytest.raises(RunError, match="--defense"):
+        training.train(TrainConfig(defense="none", epochs=3, out_dir=out, resume=True, **SMALL))
+    assert files(out) == before
+
+
+def test_resume_continues_from_the_last_epoch(tmp_path):
+    out = str(tmp_path / "r")
+    training.train(TrainConfig(epochs=1, out_dir=out, **SMALL))
+    first = checkpoint.read_json(os.path.join(out, "checkpoint/state.json"))
+    training.train(TrainConfig(epochs=2, out_dir=out, resume=True, **SMALL))
+    history = json.load(open(os.path.join(out, "metrics.json")))
+    assert first["epoch"] == 1 and [h["epoch"] for h in history] == [1, 2]
+    lines = open(os.path.join(out, "metrics.csv")).read().strip().splitlines()
+    assert len(lines) == 3  # header + one row per epoch, appended on resume
+    import keras
+    adv = training.build(*training.resolve(TrainConfig(out_dir=out, **SMALL)))
+    adv.compile(optimizer=keras.optimizers.Adam())
+    adv.optimizer.build(adv.trainable_variables)
+    adv.load_weights(os.path.join(out, "checkpoint/last.weights.h5"))
+    assert int(adv.optimizer.iterations.numpy()) == 2 * (512 // 64)  # optimizer state resumed
+
+
+class NanAfter(PGDAT):
+    """PGD-AT whose loss becomes NaN from its 12th train step on (in epoch 2 of 8 steps)."""
+
+    name = "nan_after"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.steps_done = keras.Variable(0, trainable=False, dtype="int32")
+
+    def loss(self, model, x, x_adv, y):
+        per, logits = super().loss(model, x, x_adv, y)
+        per = per * tf.where(self.steps_done >= 12, float("nan"), 1.0)
+        self.steps_done.assign_add(1)
+        return per, logits
+
+
+def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    registry.register("nan_after", NanAfter)
+    out = str(tmp_path / "n")
+    with pytest.raises(FloatingPointError, match="NaN in epoch 2.*epoch 1"):
+        training.train(TrainConfig(defense="nan_after", epochs=3, out_dir=out, **SMALL))
+    state = checkpoint.read_json(os.path.join(out, "checkpoint/state.json"))
+    assert state["epoch"] == 1
+    import h5py
+    with h5py.File(os.path.join(out, "checkpoint/last.weights.h5")) as f:
+        arrays = []
+        f.visititems(lambda n, o: arrays.append(o[()]) if isinstance(o, h5py.Dataset) else None)
+    assert arrays and all(np.all(np.isfinite(a)) for a in arrays if a.dtype.kind == "f")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--defense=bogus"], "--defense='bogus' is unknown. Expected one of: none, pgd_at"),
+    (["--dataset=imagenet"], "Unknown dataset 'imagenet'"),
+    (["--model=vgg"], "--model='vgg' is unknown"),
+    (["--eps=8"], "--eps=8.0 is outside (0, 1]"),
+    (["--eps=abc"], "--eps='abc' is not a number"),
+    (["--model=resnet18", "--width=8"], "--width=8 applies to --model=small_cnn only"),
+    (["--defense_params=gamma=1"], "takes no hyper-parameter"),
+    (["--data_dir=/nonexistent", "--dataset=cifar10"], "cifar10"),
+])
+def test_cli_bad_input_gives_one_clear_line(args, message, tmp_path):
+    out = run_cli(*args, f"--out_dir={tmp_path}/o", "--epochs=1")
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("train.py: error:") and message in last, out.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_cli_trains_end_to_end(tmp_path):
+    out = run_cli("--epochs=1", "--train_size=640", "--val_size=128", "--test_images=64",
+                  "--attack_steps=2", "--eval_steps=2", "--width=4", "--verbose=2",
+                  f"--out_dir={tmp_path}/cli")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "pgd20" in out.stdout and "pgd_at" in out.stdout
+    again = run_cli("--epochs=1", f"--out_dir={tmp_path}/cli")
+    assert again.returncode != 0 and "holds a run already" in again.stderr
+
+
+def test_ctrl_c_saves_and_resume_finishes(tmp_path):
+    """SIGINT mid-run: state saved, exit 130; --resume then completes the run."""
+    import signal
+    import time
+
+    out = tmp_path / "int"
+    args = [sys.executable, "train.py", "--epochs=30", "--train_size=640", "--val_size=128",
+            "--test_images=64", "--attack_steps=2", "--eval_steps=2", "--width=4",
+            "--verbose=0", f"--out_dir={out}"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 300
+    while not (out / "metrics.json").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    assert (out / "metrics.json").exists(), proc.kill() or proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    state = checkpoint.read_json(str(out / "checkpoint/state.json"))
+    assert state["interrupted"] and 1 <= state["epoch"] < 30
+    done = run_cli(*(a for a in args[2:] if not a.startswith("--epochs")),
+                   f"--epochs={state['epoch'] + 1}", "--resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    history = json.load(open(out / "metrics.json"))
+    assert [h["epoch"] for h in history] == list(range(1, state["epoch"] + 2))
