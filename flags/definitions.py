@@ -90,6 +90,38 @@ def define_evaluate():
                         "(its model.keras; --checkpoint=best for best.keras).")
     flags.DEFINE_enum("checkpoint", "final", ["final", "best"], "Which model of a run folder.")
     flags.DEFINE_list("attacks", ["clean", "pgd10", "pgd20", "cw"], "Attacks: clean, fgsm, "
-                      "pgdK (e.g. pgd20), cw or cwK.")
+                      "pgdK (e.g. pgd20), cw or cwK (C&W-inf), tpgd or tpgdK "
+                      "(Temperature-PGD), aa (AutoAttack standard), aa_plus, aa_rand, "
+                      "apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square, cwl2 (C&W-L2).")
     flags.DEFINE_integer("num_images", 1000, "Evaluate on the first N test images (0: all).")
-    flags.DEFINE_string("report", None, "JSON report path. Default: <model folder>/eval.json.")
+    flags.DEFINE_string("report", None, "JSON report path; the Markdown table and the PNG "
+                        "plots are written beside it. Default: <model folder>/eval.json "
+                        "(eval_<name>.json for a model file not named model.keras).")
+    from again_tf.evaluation import DEFAULT_OPTIONS as attack_defaults
+
+    flags.DEFINE_integer("n_iter", attack_defaults["n_iter"],
+                         "APGD and FAB iterations (AutoAttack: 100).")
+    flags.DEFINE_integer("n_queries", attack_defaults["n_queries"],
+                         "Square attack queries (AutoAttack: 5000).")
+    flags.DEFINE_integer("eot_iter", attack_defaults["eot_iter"],
+                         "EOT forward passes of aa_rand (AutoAttack: 20).")
+    flags.DEFINE_integer("n_target_classes", attack_defaults["n_target_classes"],
+                         "Target classes of APGD-T and FAB-T (AutoAttack: 9).")
+    flags.DEFINE_float("temperature", attack_defaults["temperature"],
+                       "Temperature T of Temperature-PGD (tpgd); the default is our choice.")
+    flags.DEFINE_integer("cwl2_steps", attack_defaults["cwl2_steps"],
+                         "Adam steps per binary-search step of cwl2.")
+    flags.DEFINE_integer("cwl2_search_steps", attack_defaults["cwl2_search_steps"],
+                         "Binary-search steps over c of cwl2.")
+    flags.DEFINE_string("loss", "main", "Attack objective: main (each attack's own loss on "
+                        "the main logits). Adaptive objectives for models with auxiliary "
+                        "heads are registered in again_tf.evaluation.OBJECTIVES.")
+    flags.DEFINE_bool("classwise", True, "Write the class-wise report (JSON + PNG plots).")
+    flags.DEFINE_bool("sanity", False, "Run the gradient-masking sanity checks "
+                      "(Carlini et al. 2019) and flag failures in the report.")
+    flags.DEFINE_integer("sanity_images", 200, "Images of the sanity checks (the first N "
+                         "evaluated; 0: all).")
+    flags.DEFINE_string("surrogate_path", None, "A .keras model to transfer attacks from in "
+                        "the sanity checks. Default: the model without its inserted layers "
+                        "(when it has any), else the transfer check is skipped.")
+    flags.DEFINE_integer("verbose", 1, "0 quiet, 1 progress bars.")

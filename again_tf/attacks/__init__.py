@@ -3,3 +3,9 @@
 from again_tf.attacks import losses
 from again_tf.attacks.base import Attack, project
 from again_tf.attacks.pgd import FGSM, PGD
+from again_tf.attacks.apgd import APGD, APGDT
+from again_tf.attacks.autoattack import AutoAttack
+from again_tf.attacks.cw import CWL2
+from again_tf.attacks.fab import FAB
+from again_tf.attacks.square import Square
+from again_tf.attacks.temperature_pgd import TemperaturePGD

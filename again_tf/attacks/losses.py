@@ -44,3 +44,57 @@ def get(name):
     if name not in LOSSES:
         raise ValueError(f"Unknown attack loss {name!r}. Expected one of: {', '.join(LOSSES)}")
     return LOSSES[name]
+
+
+def _sorted_logits(logits):
+    """Logits sorted in ascending order along the class axis (z_π1 is the last column)."""
+    return tf.sort(tf.cast(logits, tf.float32), axis=-1, direction="ASCENDING")
+
+
+def dlr(logits, labels):
+    """Difference of Logits Ratio (Croce & Hein, ICML 2020), to be maximized.
+
+    DLR(z, y) = −(z_y − max_{i≠y} z_i) / (z_π1 − z_π3 + 1e-12), where π sorts the logits
+    in decreasing order. Invariant to shifting and rescaling the logits, so it does not
+    saturate the way cross-entropy does on over-confident models. Needs ≥ 3 classes.
+    """
+    logits = tf.cast(logits, tf.float32)
+    z_sorted = _sorted_logits(logits)
+    true = tf.gather(logits, tf.cast(labels, tf.int32), axis=-1, batch_dims=1)
+    return -(true - other_max(logits, labels)) / (z_sorted[:, -1] - z_sorted[:, -3] + 1e-12)
+
+
+def targeted_dlr(logits, labels, targets):
+    """Targeted DLR loss of APGD-T (Croce & Hein, ICML 2020), to be maximized.
+
+    DLR_t(z, y, t) = −(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2 + 1e-12). Needs ≥ 4 classes.
+    Maximizing it pushes the target logit z_t above the true logit z_y.
+    """
+    logits = tf.cast(logits, tf.float32)
+    z_sorted = _sorted_logits(logits)
+    true = tf.gather(logits, tf.cast(labels, tf.int32), axis=-1, batch_dims=1)
+    target = tf.gather(logits, tf.cast(targets, tf.int32), axis=-1, batch_dims=1)
+    scale = z_sorted[:, -1] - 0.5 * (z_sorted[:, -3] + z_sorted[:, -4]) + 1e-12
+    return -(true - target) / scale
+
+
+def margin(logits, labels):
+    """z_y − max_{i≠y} z_i: positive while the example is classified correctly.
+
+    The margin the Square attack (Andriushchenko et al., ECCV 2020) minimizes.
+    """
+    logits = tf.cast(logits, tf.float32)
+    true = tf.gather(logits, tf.cast(labels, tf.int32), axis=-1, batch_dims=1)
+    return true - other_max(logits, labels)
+
+
+def temperature_cross_entropy(logits, labels, temperature=1.0):
+    """Cross-entropy of the temperature-scaled confidence, −log softmax(z / T)_y.
+
+    The loss of Temperature-PGD (Tian et al., "Analysis and Applications of Class-wise
+    Robustness in Adversarial Training", KDD 2021). T = 1 is the plain cross-entropy.
+    """
+    return cross_entropy(tf.cast(logits, tf.float32) / temperature, labels)
+
+
+LOSSES["dlr"] = dlr
