@@ -104,9 +104,45 @@ def validate():
             raise EvaluateError(f"--{flag}={getattr(FLAGS, flag)} must be at least 1")
     if FLAGS.temperature <= 0:
         raise EvaluateError(f"--temperature={FLAGS.temperature} must be > 0")
-    if FLAGS.loss not in evaluation.OBJECTIVES:
+    if FLAGS.loss not in evaluation.loss_modes():
         raise EvaluateError(f"--loss={FLAGS.loss!r} is unknown. Expected one of: "
-                            f"{', '.join(evaluation.OBJECTIVES)}")
+                            f"{', '.join(evaluation.loss_modes())}")
+    if FLAGS.split_by_memorization and not FLAGS.memorization_scores:
+        raise EvaluateError("--split_by_memorization needs --memorization_scores=<.npy or .npz "
+                            "file of per-example scores of --memorization_split>")
+
+
+def memorization_report(model, results, num_test, dataset, eps, step, norm):
+    """--split_by_memorization: accuracy on the typical and atypical examples.
+
+    The scores index --memorization_split; for "test" the main evaluation's results are
+    split, for "train" the first --num_images training examples are evaluated the same way.
+    """
+    import numpy as np
+
+    from again_tf import data
+    from again_tf.analysis import memorization
+
+    scores = memorization.load_scores(FLAGS.memorization_scores)
+    threshold = FLAGS.memorization_threshold
+    if FLAGS.memorization_split == "test":
+        if len(scores) < num_test:
+            raise EvaluateError(f"--memorization_scores={FLAGS.memorization_scores} holds "
+                                f"{len(scores)} scores; expected at least {num_test} (one per "
+                                f"evaluated test image)")
+        return memorization.split_results(results, scores[:num_test], threshold)
+    split = f"train[:{FLAGS.num_images}]" if FLAGS.num_images else "train"
+    x, y = data.load_arrays(dataset, split, FLAGS.data_dir)
+    if len(scores) < len(y):
+        raise EvaluateError(f"--memorization_scores={FLAGS.memorization_scores} holds "
+                            f"{len(scores)} scores; expected at least {len(y)} (one per "
+                            f"example of {split})")
+    if FLAGS.verbose:
+        print(f"Evaluating the first {len(y)} {dataset} training images by memorization...")
+    return memorization.evaluate_by_memorization(
+        model, x.astype(np.float32) / 255.0, y, scores[:len(y)], FLAGS.attacks, threshold,
+        eps=eps, step_size=step, batch_size=FLAGS.batch_size, norm=norm, seed=FLAGS.seed,
+        verbose=FLAGS.verbose, loss=FLAGS.loss, **attack_options())
 
 
 def load_model(path, flag="model_path"):
@@ -145,12 +181,26 @@ def report_paths(model_file):
     return base
 
 
+ADAPTIVE_NOTE = ("The model has auxiliary heads: an attack marked (worst) ran on each "
+                 "loss listed under it (main: its own loss on the main head; combined: "
+                 "main + 2·mean of the auxiliary heads; aux: the auxiliary heads alone; "
+                 "for AutoAttack, main is AutoAttack itself and the others APGD-CE on the "
+                 "points it left robust) and an image counts as robust only if it "
+                 "survived all of them.")
+
+
 def table_rows(results, worst):
+    """Rows of the table: each attack (the worst case over its objectives when it ran on
+    several, followed by one row per objective), AutoAttack's components, the worst case."""
     rows = []
     for name, r in results.items():
-        rows.append({"attack": name, "accuracy": r["accuracy"],
+        rows.append({"attack": name + (" (worst)" if "by_loss" in r else ""),
+                     "accuracy": r["accuracy"],
                      "correct": f"{int(r['correct'].sum())}/{len(r['correct'])}",
                      "seconds": f"{r['seconds']:.1f}"})
+        for objective, correct in (r.get("correct_by_loss") or {}).items():
+            rows.append({"attack": f"  {objective} loss", "accuracy": float(correct.mean()),
+                         "correct": f"{int(correct.sum())}/{len(correct)}", "seconds": ""})
         for comp, acc in (r.get("accuracy_after") or {}).items():
             rows.append({"attack": f"  after {comp}", "accuracy": acc, "correct": "",
                          "seconds": ""})
@@ -193,7 +243,8 @@ def run():
         "norm": norm, "num_images": int(len(y)), "seed": FLAGS.seed, "loss": FLAGS.loss,
         "attacks": {n: {"accuracy": r["accuracy"], "seconds": round(r["seconds"], 2),
                         **({"accuracy_after": r["accuracy_after"], "warnings": r["warnings"]}
-                           if "accuracy_after" in r else {})}
+                           if "accuracy_after" in r else {}),
+                        **({"by_loss": r["by_loss"]} if "by_loss" in r else {})}
                     for n, r in results.items()},
         "worst_case": None if worst is None else {"accuracy": worst["accuracy"],
                                                   "attacks": attacked},
@@ -201,7 +252,10 @@ def run():
     }
     markdown = [f"# Robustness of `{model_file}`", "",
                 f"{dataset}, first {len(y)} test images, ε = {eps:.4g} ({norm}), "
-                f"seed {FLAGS.seed}.", "", evaluation.format_markdown(rows, columns)]
+                f"seed {FLAGS.seed}, attack loss: {FLAGS.loss}.", ""]
+    if any("by_loss" in r for r in results.values()):
+        markdown += [ADAPTIVE_NOTE, ""]
+    markdown += [evaluation.format_markdown(rows, columns)]
     if FLAGS.classwise:
         rep = classwise.report(y, {n: r["predictions"] for n, r in results.items()},
                                num_classes=info.num_classes, class_names=info.class_names,
@@ -231,11 +285,20 @@ def run():
         report["sanity"] = checks
         markdown += ["", "## Sanity checks (Carlini et al. 2019)", "", "```",
                      sanity.format_report(checks), "```"]
+    if FLAGS.split_by_memorization:
+        from again_tf.analysis import memorization
+
+        report["memorization"] = memorization_report(model, results, len(y), dataset, eps,
+                                                     step, norm)
+        markdown += ["", "## Typical and atypical examples (memorization)", "", "```",
+                     memorization.format_split(report["memorization"]), "```"]
     checkpoint.write_json(base + ".json", report)
     with open(base + ".md", "w") as f:
         f.write("\n".join(markdown) + "\n")
 
     print(f"\nAccuracy on the first {len(y)} {dataset} test images, eps={eps:.4g} ({norm}):")
+    if any("by_loss" in r for r in results.values()):
+        print(ADAPTIVE_NOTE)
     print(evaluation.format_table(rows, columns))
     for name, r in results.items():
         for w in r.get("warnings") or []:
@@ -247,6 +310,11 @@ def run():
         if report["sanity"]["failed"]:
             print(f"WARNING: sanity checks failed: {', '.join(report['sanity']['failed'])} — "
                   f"the evaluation may suffer from gradient masking")
+    if FLAGS.split_by_memorization:
+        from again_tf.analysis import memorization
+
+        print(f"\nBy memorization ({FLAGS.memorization_split} split):\n"
+              + memorization.format_split(report["memorization"]))
     print(f"\nSaved {base}.json, {base}.md" + (", class-wise JSON and PNGs" if FLAGS.classwise
                                                  else ""))
     return report

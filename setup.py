@@ -13,7 +13,8 @@ setup(
         "keras>=3.0",
         "tensorflow-datasets",
         "importlib_resources",  # tensorflow-datasets imports it when downloading
-        "keras-tuner",
+        "keras-tuner[bayesian]",  # [bayesian]: scikit-learn, for tune.py --tuner=bayesian
+        "tensorboard",  # keras-tuner imports it for every trial under TensorFlow
         "absl-py",
         "matplotlib",
         "scipy",  # SVHN's .mat files

@@ -34,9 +34,12 @@ def config_from_flags():
         train_size=FLAGS.train_size, test_images=FLAGS.test_images,
         test_attacks=tuple(FLAGS.test_attacks),
         defense_params=definitions.key_values(FLAGS.defense_params, "defense_params"),
+        memorization_scores=FLAGS.memorization_scores,
         seed=FLAGS.seed,
         out_dir=FLAGS.out_dir or os.path.join("runs", f"{FLAGS.dataset}_{model}_{FLAGS.defense}"),
-        jit_compile=FLAGS.jit_compile, resume=FLAGS.resume, verbose=FLAGS.verbose)
+        jit_compile=FLAGS.jit_compile, resume=FLAGS.resume, verbose=FLAGS.verbose,
+        strategy=FLAGS.strategy, cpu_replicas=FLAGS.cpu_replicas,
+        sync_batchnorm=FLAGS.sync_batchnorm, mixed_precision=FLAGS.mixed_precision)
 
 
 def main(argv):

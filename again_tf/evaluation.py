@@ -21,8 +21,26 @@ Attack names (`parse_attack`; ε, norm and step come from the caller):
 Options (keyword arguments of `parse_attack`/`evaluate`, flags of evaluate.py):
 `n_iter` (APGD/FAB iterations, 100), `n_queries` (Square, 5000), `eot_iter` (20),
 `n_target_classes` (9), `temperature` (0.5), `cwl2_steps` (1000), `cwl2_search_steps` (9).
+
+Adaptive evaluation (`evaluate(..., loss="adaptive")`, the default; evaluate.py --loss):
+models with inserted label-conditioned layers (ASE `again_*`, CAS `cas*`, CIFS `cifs`)
+choose their channel masks from their own auxiliary heads, and an attack on the main
+head alone overstates their robustness (`attacks.objectives`). For a model with
+auxiliary heads every attack that takes a custom loss (fgsm, pgdK, cw, tpgd, apgd-ce,
+apgd-dlr) runs once per objective of `ADAPTIVE` — "main" (its own loss on the main
+logits), "combined" (ℓ(main) + β·mean_h ℓ(aux_h), β = `aux_weight` = 2 as in training)
+and "aux" (mean_h ℓ(aux_h)), ℓ being the attack's own loss (CE, C&W margin, DLR,
+temperature CE) — and an example counts as robust only if it is classified correctly
+under all of them; the entry keeps each objective's accuracy in "by_loss". AutoAttack
+(aa, aa_plus, aa_rand) runs as is on the main head, then APGD-CE with the version's
+settings and the "combined", then the "aux" objective on the points it left robust (each
+on all of those points, so "by_loss" holds AA ∧ APGD-CE(objective)); its
+"accuracy_after" gets the cumulative entries "apgd-ce[combined]" and "apgd-ce[aux]".
+Attacks that follow the logits (apgd-t, fab, fab-t, square, cwl2) run once. For a model
+without auxiliary heads "adaptive" is "main", at no extra cost.
 """
 
+import inspect
 import re
 import time
 
@@ -30,6 +48,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from again_tf.attacks import losses, objectives
+from again_tf.attacks.apgd import APGD, APGDT
 from again_tf.attacks.autoattack import COMPONENTS, AutoAttack, build_component
 from again_tf.attacks.cw import CWL2
 from again_tf.attacks.pgd import FGSM, PGD
@@ -44,14 +64,45 @@ AA_VERSIONS = {"aa": "standard", "aa_plus": "plus", "aa_rand": "rand"}
 ATTACK_NAMES = ("clean, fgsm, pgdK (e.g. pgd20), cw / cwK, tpgd / tpgdK, aa, aa_plus, "
                 "aa_rand, " + ", ".join(COMPONENTS) + ", cwl2")
 
-# Attack objectives, for adaptive evaluation: name -> builder(model) -> None (each attack
-# uses its own loss on the main logits) or loss_fn(x_adv, y) -> (batch,) maximized by the
-# gradient attacks that accept one (PGD, FGSM, C&W-∞, Temperature-PGD, APGD-CE/DLR).
-# Models with auxiliary heads need adaptive evaluation: attack the main loss and the
-# combined main + auxiliary loss (`defenses.base.head_loss`) and report the worse. Add
-# it here, e.g. OBJECTIVES["combined"] = lambda model: <its loss_fn>, and run
-# evaluate(..., loss="combined") beside loss="main".
-OBJECTIVES = {"main": lambda model: None}
+def _head_objective_builder(name):
+    """The `OBJECTIVES` builder of `attacks.objectives.head_objective(name)`."""
+    def builder(model, loss=losses.cross_entropy, aux_weight=objectives.DEFAULT_AUX_WEIGHT):
+        return objectives.objective_fn(model, name, loss, aux_weight)
+    return builder
+
+
+# Attack objectives: name -> builder(model, loss=ℓ, aux_weight=β) -> None (the attack's
+# own loss on the main logits) or loss_fn(x_adv, y) -> (batch,), maximized by the attacks
+# that take a custom loss (`takes_objective`); ℓ is the attack's own per-example loss of
+# logits. A builder of `model` alone (a loss-agnostic objective) is accepted too.
+OBJECTIVES = {"main": lambda model, loss=None, aux_weight=None: None,
+              "combined": _head_objective_builder("combined"),
+              "aux": _head_objective_builder("aux")}
+ADAPTIVE = ("main", "combined", "aux")  # the objectives of loss="adaptive", in this order
+
+
+def loss_modes():
+    """The values `evaluate(loss=...)` accepts: "adaptive" and the `OBJECTIVES` names."""
+    return ("adaptive",) + tuple(OBJECTIVES)
+
+
+def takes_objective(attack):
+    """True for the attacks that maximize a custom loss: PGD, FGSM, C&W-∞, tpgd, APGD-CE/DLR.
+
+    APGD-T (its targeted DLR loss), FAB, Square and C&W-L2 follow the logits their own way.
+    """
+    return isinstance(attack, PGD) or (isinstance(attack, APGD)
+                                       and not isinstance(attack, APGDT))
+
+
+def build_objective(name, model, loss, aux_weight=objectives.DEFAULT_AUX_WEIGHT):
+    """The `loss_fn` of objective `name` for an attack whose own loss of logits is `loss`."""
+    builder = OBJECTIVES[name]
+    try:
+        inspect.signature(builder).bind(model, loss=loss, aux_weight=aux_weight)
+    except TypeError:  # a builder of the model alone
+        return builder(model)
+    return builder(model, loss=loss, aux_weight=aux_weight)
 
 
 def parse_attack(name, model, eps, step_size=None, norm="linf", seed=0, **options):
@@ -134,37 +185,56 @@ def adversarial(attack, x, y, batch_size=256, loss_fn=None, progress=None):
 
 
 def evaluate(model, x, y, attacks=("clean", "pgd20"), eps=8 / 255, step_size=None,
-             batch_size=256, norm="linf", seed=0, verbose=0, loss="main", **options):
+             batch_size=256, norm="linf", seed=0, verbose=0, loss="adaptive",
+             aux_weight=objectives.DEFAULT_AUX_WEIGHT, **options):
     """Accuracy of `model` on `(x, y)` under each named attack.
 
     Returns a dict `{attack name: {"accuracy": float, "correct": bool array,
     "predictions": int array (labels predicted on the attacked inputs), "seconds": float}}`;
     the per-example `correct` lets callers take point-wise worst cases over attacks
     (`worst_case`). AutoAttack entries also hold "accuracy_after" (robust accuracy after
-    each component), "fooled_by" and "warnings".
+    each component), "fooled_by" and "warnings". With several objectives (adaptive
+    evaluation of a model with auxiliary heads, module docstring) an attack's entry is
+    the per-example worst case over them and also holds "by_loss" ({objective:
+    accuracy}) and "correct_by_loss" ({objective: bool array}); its "predictions" are,
+    per example, those under the first objective (in `ADAPTIVE` order) that fooled it.
 
     Args:
         model: a Keras classifier of [0, 1] images returning logits.
         x, y: NumPy images in [0, 1] and integer labels.
         attacks: attack names (module docstring).
-        eps, step_size, norm, seed: the threat model and the attacks' step and seed.
+        eps, step_size, norm, seed: the threat model and the attacks' step and seed; every
+            objective's run of an attack starts from the same seed.
         batch_size: images per attack call.
         verbose: 1 shows a progress bar per attack.
-        loss: the attack objective, a key of `OBJECTIVES` (default "main").
+        loss: "adaptive" (default: the worst case over `ADAPTIVE` for a model with
+            auxiliary heads, else "main") or one key of `OBJECTIVES` ("main", "combined",
+            "aux"; "aux" needs auxiliary heads).
+        aux_weight: β of the "combined" objective. Default 2.0 (the AGAIN and CAS
+            papers' and training's β).
         **options: attack options (`DEFAULT_OPTIONS`), e.g. n_iter=100, n_queries=5000.
+
+    Example:
+        r = evaluate(model, x, y, ["clean", "pgd20"], eps=0.1)
+        r["pgd20"]["accuracy"], r["pgd20"].get("by_loss")  # worst, {"main": ..., ...}
     """
-    if loss not in OBJECTIVES:
+    if loss not in loss_modes():
         raise ValueError(f"Unknown attack objective loss={loss!r}. Expected one of: "
-                         f"{', '.join(OBJECTIVES)}")
-    loss_fn = OBJECTIVES[loss](model)
+                         f"{', '.join(loss_modes())}")
     y = np.asarray(y)
     x = np.asarray(x, np.float32)
+    heads = objectives.num_aux_heads(model, x) if len(x) and loss in ("adaptive", "aux") else 0
+    if loss == "aux" and not heads:
+        raise ValueError(f"loss='aux' attacks the auxiliary heads, but {model.name!r} has "
+                         f"none; expected loss='main' (or 'adaptive')")
+    names = list(ADAPTIVE) if loss == "adaptive" and heads else (
+        ["main"] if loss == "adaptive" else [loss])
     predict = predictor(model)
     results = {}
     for name in attacks:
         attack = parse_attack(name, model, eps, step_size, norm, seed, **options)
         start = time.time()
-        entry = {}
+        entry, by_pred = {}, None
         if attack is None:
             inputs = x
         elif isinstance(attack, AutoAttack):
@@ -172,19 +242,103 @@ def evaluate(model, x, y, attacks=("clean", "pgd20"), eps=8 / 255, step_size=Non
             inputs = run["x_adv"]
             entry = {"accuracy_after": run["accuracy_after"], "warnings": run["warnings"],
                      "fooled_by": run["fooled_by"]}
+            if names != ["main"]:
+                by_pred = _autoattack_objectives(model, name, run, x, y, names, eps, norm,
+                                                 seed, batch_size, aux_weight, predict,
+                                                 verbose, options)
+        elif takes_objective(attack):
+            by_pred = {}
+            for i, objective in enumerate(names):
+                atk = attack if i == 0 else parse_attack(name, model, eps, step_size, norm,
+                                                         seed, **options)
+                bar = keras.utils.Progbar(len(x), unit_name="image") if verbose else None
+                if verbose:
+                    print(f"{name}: {atk!r}" + (f", {objective} loss" if len(names) > 1
+                                                or objective != "main" else ""))
+                adv = adversarial(atk, x, y, batch_size, progress=bar,
+                                  loss_fn=build_objective(objective, model, atk.loss,
+                                                          aux_weight))
+                by_pred[objective] = predictions(predict, adv, batch_size)
+            inputs = None
         else:
             bar = keras.utils.Progbar(len(x), unit_name="image") if verbose else None
             if verbose:
                 print(f"{name}: {attack!r}")
-            inputs = adversarial(attack, x, y, batch_size, loss_fn=loss_fn, progress=bar)
-        pred = predictions(predict, inputs, batch_size)
+            inputs = adversarial(attack, x, y, batch_size, progress=bar)
+        if by_pred is not None and len(by_pred) == 1:
+            pred = next(iter(by_pred.values()))
+        elif by_pred is not None:
+            pred, correct_by = worst_predictions(y, by_pred)
+            entry.update(by_loss={o: float(c.mean()) for o, c in correct_by.items()},
+                         correct_by_loss=correct_by)
+        else:
+            pred = predictions(predict, inputs, batch_size)
         correct = pred == y
         results[name] = {"accuracy": float(correct.mean()), "correct": correct,
                          "predictions": pred, "seconds": time.time() - start, **entry}
         if verbose:
-            print(f"{name}: accuracy {results[name]['accuracy']:.2%} "
-                  f"({results[name]['seconds']:.1f} s)")
+            detail = ", ".join(f"{o} {a:.2%}" for o, a in entry.get("by_loss", {}).items())
+            print(f"{name}: accuracy {results[name]['accuracy']:.2%}"
+                  + (f" (worst of: {detail})" if detail else "")
+                  + f" ({results[name]['seconds']:.1f} s)")
     return results
+
+
+def worst_predictions(y, by_pred):
+    """Per-example worst case over objectives' predictions `{objective: int array}`.
+
+    Returns `(predictions, {objective: correct bool array})`: an example keeps the
+    prediction under the first objective (in `by_pred`'s order) that misclassified it,
+    else the first objective's (correct) one; it is correct only if correct under all.
+    """
+    correct_by = {o: np.asarray(p) == y for o, p in by_pred.items()}
+    first = next(iter(by_pred))
+    pred = np.array(by_pred[first], copy=True)
+    for o in reversed(list(by_pred)):
+        wrong = ~correct_by[o]
+        pred[wrong] = np.asarray(by_pred[o])[wrong]
+    return pred, correct_by
+
+
+def _autoattack_objectives(model, name, run, x, y, names, eps, norm, seed, batch_size,
+                           aux_weight, predict, verbose, options):
+    """AutoAttack's run (main head) and APGD-CE on each other objective of `names`.
+
+    Each APGD-CE (the AutoAttack version's settings) attacks all the points AutoAttack
+    left robust, so objective o's predictions are those of AA ∧ APGD-CE(o). Extends
+    `run`'s "accuracy_after" (cumulative, as AutoAttack's own entries) and "fooled_by".
+    Returns `{objective: predictions}`, "main" being AutoAttack's.
+    """
+    opts = {**DEFAULT_OPTIONS, **{k: v for k, v in options.items() if v is not None}}
+    robust = np.asarray(run["robust"], bool)
+    idx = np.flatnonzero(robust)
+    by_pred = {"main": np.asarray(run["predictions"])}
+    still = robust.copy()
+    for objective in names:
+        if objective == "main":
+            continue
+        component = build_component("apgd-ce", model, eps, norm=norm,
+                                    version=AA_VERSIONS[name], n_iter=opts["n_iter"],
+                                    n_queries=opts["n_queries"], eot_iter=opts["eot_iter"],
+                                    n_target_classes=opts["n_target_classes"], seed=seed)
+        pred = by_pred["main"].copy()
+        start = time.time()
+        if len(idx):
+            bar = keras.utils.Progbar(len(idx), unit_name="image") if verbose else None
+            adv = adversarial(component, x[idx], y[idx], batch_size, progress=bar,
+                              loss_fn=build_objective(objective, model, component.loss,
+                                                      aux_weight))
+            pred[idx] = predictions(predict, adv, batch_size)
+        by_pred[objective] = pred
+        key = f"apgd-ce[{objective}]"
+        newly = still & (pred != y)
+        run["fooled_by"][newly] = key
+        still &= pred == y
+        run["accuracy_after"][key] = float(still.mean()) if len(y) else 0.0
+        if verbose:
+            print(f"{name}: robust accuracy after APGD-CE on the {objective} loss: "
+                  f"{run['accuracy_after'][key]:.2%} ({time.time() - start:.1f} s)")
+    return by_pred
 
 
 def worst_case(results, names=None):

@@ -14,20 +14,21 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from again_tf import checkpoint, data, evaluation, models
+from again_tf import checkpoint, data, distribute, evaluation, models, precision
 from again_tf.defenses import AdversarialModel, registry
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "piecewise", "cosine")
 # What must match for --resume to continue a run (the rest, e.g. epochs, may change).
 _IDENTITY = ("defense", "dataset", "model", "width", "eps", "norm", "seed", "train_size",
-             "val_size", "defense_params")
+             "val_size", "defense_params", "memorization_scores")
 
 
 class RunError(Exception):
@@ -41,6 +42,11 @@ class TrainConfig:
     `eps`/`step_size` None take the dataset's usual values (`data.info`); `model`
     "auto" is `small_cnn` for 28×28 datasets and `preact_resnet18` otherwise; `width`
     0 is 16 for `small_cnn` (the CPU-friendly default; 32 is the classic width).
+    `strategy` ("none", "mirrored", "multi_worker"; `cpu_replicas` logical CPU devices
+    for testing "mirrored" without GPUs) is made before any TensorFlow op runs;
+    `batch_size` is then the global batch, split over the replicas. `sync_batchnorm`
+    all-reduces BatchNorm's batch statistics over the replicas; `mixed_precision` is
+    "off", "float16" or "bfloat16" (`again_tf.precision`).
     """
 
     defense: str = "pgd_at"
@@ -67,9 +73,14 @@ class TrainConfig:
     test_images: int = 1000
     test_attacks: tuple = ("clean", "pgd20")
     defense_params: dict = dataclasses.field(default_factory=dict)
+    memorization_scores: str = None
     seed: int = 0
     out_dir: str = "runs/default"
     jit_compile: str = "auto"
+    strategy: str = "none"
+    cpu_replicas: int = 0
+    sync_batchnorm: bool = False
+    mixed_precision: str = "off"
     resume: bool = False
     verbose: int = 1
 
@@ -101,9 +112,37 @@ def validate(cfg):
         raise ValueError(f"--lr={cfg.lr} must be > 0")
     if cfg.jit_compile not in ("auto", "true", "false", True, False):
         raise ValueError(f"--jit_compile={cfg.jit_compile!r}: expected auto, true or false")
+    precision.check(cfg.mixed_precision)
     for name in cfg.test_attacks:
         evaluation.parse_attack(name, None, 0.1)
-    registry.get(cfg.defense, **cfg.defense_params)
+    params = defense_hparams(cfg)
+    uses_index = registry.needs(cfg.defense, "uses_index")
+    if cfg.memorization_scores and not uses_index:
+        raise ValueError(f"--memorization_scores applies to defenses that use memorization "
+                         f"scores (bat); received --defense={cfg.defense}")
+    if uses_index and params.get("memorization_scores") is None:
+        raise ValueError(f"--defense={cfg.defense} needs --memorization_scores=<.npy or .npz "
+                         f"file of per-example scores of the training split> (see "
+                         f"again_tf.analysis.memorization and benchmarks/memorization.py)")
+    if registry.needs(cfg.defense, "needs_holdout") and cfg.val_size < 1:
+        raise ValueError(f"--val_size={cfg.val_size}: --defense={cfg.defense} measures "
+                         f"class-wise robustness on held-out data; expected --val_size > 0")
+    objective, _ = registry.get(cfg.defense, **params)
+    if uses_index:
+        info = data.info(cfg.dataset)
+        needed = (cfg.train_size or info.train_size) - cfg.val_size
+        if getattr(objective, "num_examples", needed) < needed:
+            raise ValueError(f"--memorization_scores={params['memorization_scores']} holds "
+                             f"{objective.num_examples} scores; the training examples are "
+                             f"train[:{needed}], so expected at least {needed}")
+
+
+def defense_hparams(cfg):
+    """The defense's hyper-parameters: --defense_params plus --memorization_scores."""
+    params = dict(cfg.defense_params)
+    if cfg.memorization_scores:
+        params["memorization_scores"] = cfg.memorization_scores
+    return params
 
 
 def resolve(cfg):
@@ -180,7 +219,9 @@ def datasets(cfg, info):
     if cfg.val_size >= size:
         raise ValueError(f"--val_size={cfg.val_size} leaves no training data "
                          f"(--train_size={size})")
-    train_ds, _ = data.load(cfg.dataset, f"train[:{size - cfg.val_size}]", cfg.data_dir)
+    # Defenses with per-example state (BAT's memorization scores) get (x, y, index).
+    train_ds, _ = data.load(cfg.dataset, f"train[:{size - cfg.val_size}]", cfg.data_dir,
+                            with_index=registry.needs(cfg.defense, "uses_index"))
     train = data.pipeline(train_ds, cfg.batch_size, training=True, augment=info.augment,
                           seed=cfg.seed)
     val = None
@@ -197,7 +238,8 @@ def build(cfg, info):
     adv = AdversarialModel(net, defense=cfg.defense, eps=cfg.eps, step_size=cfg.step_size,
                            steps=cfg.attack_steps, norm=cfg.norm,
                            eval_steps=cfg.eval_steps if cfg.val_size else 0,
-                           weight_decay=cfg.weight_decay, seed=cfg.seed, **cfg.defense_params)
+                           weight_decay=cfg.weight_decay, seed=cfg.seed,
+                           **defense_hparams(cfg))
     adv.build((None,) + tuple(info.shape))
     return adv
 
@@ -208,22 +250,36 @@ def train(cfg):
     Raises ValueError/RunError for bad input before anything is written, and
     FloatingPointError when the loss becomes NaN (the last good checkpoint is kept).
     """
+    strategy = distribute.make_strategy(cfg.strategy, cfg.cpu_replicas)  # before any TF op
     validate(cfg)
     cfg, info = resolve(cfg)
+    if not distribute.is_chief():  # another worker of a multi-worker run writes the files
+        cfg = dataclasses.replace(cfg, out_dir=tempfile.mkdtemp(prefix="again_tf_worker_"),
+                                  verbose=0, resume=False)
     keras.utils.set_random_seed(cfg.seed)
     train_ds, val_ds, n_train = datasets(cfg, info)
+    if cfg.strategy == "multi_worker":  # each worker takes its slice of every global batch
+        train_ds, val_ds = (distribute.shard_by_data(d) for d in (train_ds, val_ds))
     resuming = prepare_out_dir(cfg)
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-    adv = build(cfg, info)
-    adv.compile(optimizer=build_optimizer(cfg, steps_per_epoch), jit_compile=use_xla(cfg.jit_compile))
-    saver = checkpoint.Checkpointer(cfg.out_dir)
-    initial_epoch = 0
-    if resuming and os.path.exists(saver.last):
-        adv.optimizer.build(adv.trainable_variables)
-        adv.load_weights(saver.last)
-        initial_epoch = saver.state["epoch"]
-        if cfg.verbose:
-            print(f"Resuming {cfg.out_dir} after epoch {initial_epoch}")
+    if cfg.verbose and strategy.num_replicas_in_sync > 1:
+        print(f"Training on {distribute.describe(strategy)}, global batch {cfg.batch_size}")
+    with precision.policy(cfg.mixed_precision), strategy.scope():
+        models.set_sync_batchnorm(cfg.sync_batchnorm)
+        try:
+            adv = build(cfg, info)
+        finally:
+            models.set_sync_batchnorm(False)
+        adv.compile(optimizer=build_optimizer(cfg, steps_per_epoch),
+                    jit_compile=use_xla(cfg.jit_compile))
+        saver = checkpoint.Checkpointer(cfg.out_dir)
+        initial_epoch = 0
+        if resuming and os.path.exists(saver.last):
+            adv.optimizer.build(adv.trainable_variables)
+            adv.load_weights(saver.last)
+            initial_epoch = saver.state["epoch"]
+            if cfg.verbose:
+                print(f"Resuming {cfg.out_dir} after epoch {initial_epoch}")
     callbacks = [saver, keras.callbacks.CSVLogger(os.path.join(cfg.out_dir, "metrics.csv"),
                                                   append=resuming)]
     start = time.time()
@@ -262,11 +318,20 @@ def finish(cfg, info, adv, saver, seconds):
               "eps": cfg.eps, "test_images": len(y), "epochs": saver.state["epoch"],
               "train_seconds": round(seconds, 1),
               **{name: s["accuracy"] for name, s in scores.items()}}
+    by_loss = {name: s["by_loss"] for name, s in scores.items() if "by_loss" in s}
+    if by_loss:  # auxiliary heads: each attack's accuracy per objective (adaptive evaluation)
+        result["by_loss"] = by_loss
+    for m in adv.modifiers:  # the class-wise defense's inference offset, folded into the model
+        if getattr(m, "logit_offset", None) is not None:
+            result["logit_offset"] = [round(float(v), 6) for v in m.logit_offset.numpy()]
     checkpoint.write_json(os.path.join(cfg.out_dir, "results.json"), result)
     if cfg.verbose:
         print(f"\nTest accuracy on the first {len(y)} {cfg.dataset} test images, "
               f"eps={cfg.eps:.4g} ({cfg.norm}):")
         print(evaluation.format_table([result], ["defense", "model"] + list(cfg.test_attacks)))
+        for name, accs in by_loss.items():
+            print(f"{name} by attack loss (the table shows the per-image worst case): "
+                  + ", ".join(f"{o} {a:.4f}" for o, a in accs.items()))
         print(f"Saved to {cfg.out_dir}: model.keras, best.keras, saved_model/, results.json")
     return result
 

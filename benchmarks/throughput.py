@@ -1,12 +1,16 @@
-"""Images/s of a plain training step and of the PGD-k adversarial training step.
+"""Images/s of a plain training step and of each defense's adversarial training step.
 
     python benchmarks/throughput.py [--models=small_cnn,resnet18] [--steps=10] [--batches=5]
+    python benchmarks/throughput.py --models=small_cnn --defenses=pgd_at,trades,mart,awp
 
-For each model and XLA setting it times `fit` over a few batches of random data (after a
-warm-up that absorbs tracing/compilation) and prints images/s of standard training,
-of PGD-AT with k attack steps, and the ratio AT_time / ((k+1)·plain_time). A ratio
-≤ 1.0 means an adversarial step costs no more than its arithmetic: k input-gradient
-passes plus one training step. Also prints the process' peak resident memory.
+For each model, XLA setting and defense it times `fit` over a few batches of random data
+(after a warm-up that absorbs tracing/compilation) and prints images/s, the cost of one
+step in plain training steps (`cost` = step time ÷ plain step time),
+the step's arithmetic in the same unit (`arith`: k input-gradient passes, each about one
+plain step, plus the passes the defense's loss needs; see ARITHMETIC) and their ratio
+`cost/arith`: ≤ 1.0 means the step costs no more than its arithmetic. For PGD-AT the
+ratio is AT_time / ((k+1)·plain_time). Also prints the process' peak resident memory.
+The time of evaluate.py's AutoAttack per 1,000 images: benchmarks/autoattack.py.
 """
 
 import os
@@ -28,41 +32,72 @@ flags.DEFINE_list("xla", ["false", "true"], "jit_compile settings to time.")
 flags.DEFINE_integer("steps", 10, "PGD steps k of the adversarial step.")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_integer("batches", 5, "Timed batches per measurement (after one warm-up epoch).")
+flags.DEFINE_list("defenses", ["pgd_at"], "Defenses to time beside plain training "
+                  "(registered names; e.g. pgd_at,trades,mart,awp,fat,lbgat).")
 FLAGS = flags.FLAGS
 
 SHAPES = {"small_cnn": (28, 28, 1)}
 
 
 def images_per_second(name, defense, jit, steps):
+    """Images/s of `defense`'s train step: (time of 1 + b batches − time of 1 batch) / b.
+
+    The difference removes `fit`'s fixed cost per call (iterators, callbacks), which would
+    otherwise dominate a few small batches.
+    """
     shape = SHAPES.get(name, (32, 32, 3))
     rng = np.random.default_rng(0)
-    n = FLAGS.batch_size * FLAGS.batches
+    bs = FLAGS.batch_size
+    n = bs * (FLAGS.batches + 1)
     x = rng.uniform(size=(n,) + shape).astype(np.float32)
     y = rng.integers(0, 10, n)
+    params = {"awp_warmup": 0} if "awp" in defense else {}  # time the perturbed step
     adv = AdversarialModel(models.build(name, 10), defense=defense, eps=8 / 255,
-                           step_size=2 / 255, steps=steps, eval_steps=0)
+                           step_size=2 / 255, steps=steps, eval_steps=0, **params)
     adv.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), jit_compile=jit)
-    adv.fit(x[:2 * FLAGS.batch_size], y[:2 * FLAGS.batch_size], batch_size=FLAGS.batch_size,
-            verbose=0)  # trace and compile
-    start = time.perf_counter()
-    adv.fit(x, y, batch_size=FLAGS.batch_size, verbose=0, shuffle=False)
-    return n / (time.perf_counter() - start)
+    adv.fit(x[:2 * bs], y[:2 * bs], batch_size=bs, verbose=0)  # trace and compile
+
+    def seconds(count):
+        start = time.perf_counter()
+        adv.fit(x[:count], y[:count], batch_size=bs, verbose=0, shuffle=False)
+        return time.perf_counter() - start
+
+    return bs * FLAGS.batches / max(seconds(n) - seconds(bs), 1e-9)
+
+
+# A defense step in plain training steps (forward + backward of one batch), k = attack
+# steps: each attack step is one forward and one input-gradient pass (~ one plain step);
+# TRADES/MART/LBGAT train on the clean and the adversarial batch (2), TRADES' attack also
+# takes the clean logits (+~1/3); AWP adds one proxy step; LBGAT's teacher one more.
+ARITHMETIC = {
+    "none": lambda k: 1, "pgd_at": lambda k: k + 1, "fat": lambda k: k + 1,
+    "trades": lambda k: k + 2 + 1 / 3, "mart": lambda k: k + 2, "awp": lambda k: k + 2,
+    "trades_awp": lambda k: k + 4 + 1 / 3, "mart_awp": lambda k: k + 4,
+    "fat_trades": lambda k: k + 2 + 1 / 3, "lbgat": lambda k: k + 3 + 1 / 3,
+}
 
 
 def main(argv):
     del argv
     rows = []
+    k = FLAGS.steps
     for name in FLAGS.models:
         for xla in FLAGS.xla:
             jit = xla == "true"
-            plain = images_per_second(name, "none", jit, FLAGS.steps)
-            at = images_per_second(name, "pgd_at", jit, FLAGS.steps)
-            rows.append({"model": name, "xla": xla, "plain img/s": round(plain, 1),
-                         f"PGD-{FLAGS.steps} AT img/s": round(at, 1),
-                         "AT/((k+1)·plain)": round(plain / at / (FLAGS.steps + 1), 3)})
-            print(rows[-1], flush=True)
-    print(f"\nbatch {FLAGS.batch_size}, {os.cpu_count()} CPU cores, "
-          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB\n")
+            plain = images_per_second(name, "none", jit, k)
+            for defense in FLAGS.defenses:
+                speed = images_per_second(name, defense, jit, k)
+                cost = plain / speed
+                arith = ARITHMETIC[defense](k) if defense in ARITHMETIC else None
+                rows.append({"model": name, "xla": xla, "defense": defense,
+                             "plain img/s": f"{plain:.1f}", "img/s": f"{speed:.1f}",
+                             "cost": f"{cost:.2f}",
+                             "arith": "-" if arith is None else f"{arith:.2f}",
+                             "cost/arith": "-" if arith is None else f"{cost / arith:.2f}"})
+                print(rows[-1], flush=True)
+    print(f"\nbatch {FLAGS.batch_size}, PGD-{k}, {FLAGS.batches} timed batches, "
+          f"{os.cpu_count()} CPU cores, peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB\n")
     print(format_table(rows, list(rows[0])))
 
 

@@ -59,6 +59,9 @@ def define_train():
     flags.DEFINE_string("defense", "pgd_at", f"Defense: {', '.join(registry.names())}.")
     flags.DEFINE_string("defense_params", "", "Defense hyper-parameters as name=value pairs, "
                         "e.g. beta=6.")
+    flags.DEFINE_string("memorization_scores", None, "Per-example memorization scores of the "
+                        "training split (.npy, or .npz with a tr_mem entry) for --defense=bat; "
+                        "see benchmarks/memorization.py.")
     flags.DEFINE_string("model", "auto", f"Model: auto ({'small_cnn'} for 28x28 data, "
                         f"preact_resnet18 otherwise) or one of {', '.join(models.MODELS)}.")
     flags.DEFINE_integer("width", 0, "Channels of small_cnn's first stage (0: 16, which "
@@ -82,6 +85,23 @@ def define_train():
     flags.DEFINE_string("out_dir", None, "Run folder. Default runs/<dataset>_<model>_<defense>.")
     flags.DEFINE_bool("resume", False, "Continue the run in --out_dir from its last checkpoint.")
     flags.DEFINE_integer("verbose", 1, "0 silent, 1 progress bar, 2 one line per epoch.")
+    define_scale()
+
+
+def define_scale():
+    """Distribution and mixed-precision flags (train.py, tune.py)."""
+    flags.DEFINE_enum("strategy", "none", ["none", "mirrored", "multi_worker"],
+                      "Distribution: none (one device), mirrored (all local GPUs, or "
+                      "--cpu_replicas logical CPUs), multi_worker (one process per machine, "
+                      "cluster in the TF_CONFIG environment variable). --batch_size is global.")
+    flags.DEFINE_integer("cpu_replicas", 0, "With --strategy=mirrored and no GPU, split the "
+                         "CPU into N logical devices (N >= 2): tests distribution on a CPU; "
+                         "not faster. 0: off.")
+    flags.DEFINE_bool("sync_batchnorm", False, "Synchronized BatchNorm: batch statistics "
+                      "all-reduced over the replicas (default: each replica's own).")
+    flags.DEFINE_enum("mixed_precision", "off", ["off", "float16", "bfloat16"],
+                      "Mixed precision: float16 (mixed_float16 with loss scaling; GPUs with "
+                      "tensor cores), bfloat16 (TPUs, recent CPUs/GPUs), off (float32).")
 
 
 def define_evaluate():
@@ -113,9 +133,16 @@ def define_evaluate():
                          "Adam steps per binary-search step of cwl2.")
     flags.DEFINE_integer("cwl2_search_steps", attack_defaults["cwl2_search_steps"],
                          "Binary-search steps over c of cwl2.")
-    flags.DEFINE_string("loss", "main", "Attack objective: main (each attack's own loss on "
-                        "the main logits). Adaptive objectives for models with auxiliary "
-                        "heads are registered in again_tf.evaluation.OBJECTIVES.")
+    flags.DEFINE_string("loss", "adaptive", "Attack objective of the gradient attacks "
+                        "(fgsm, pgdK, cw, tpgd, apgd-ce, apgd-dlr): main (each attack's own "
+                        "loss on the main logits), combined (main + 2*mean over the auxiliary "
+                        "heads of the same loss), aux (the auxiliary heads alone), or "
+                        "adaptive: for a model with auxiliary heads (ASE again_*, CAS, CIFS) "
+                        "each attack runs on all three and an image is robust only if it "
+                        "survives all (aa: APGD-CE on combined and aux follows AutoAttack on "
+                        "the points still robust); the table lists each loss's accuracy. For "
+                        "other models adaptive is main. Registered in "
+                        "again_tf.evaluation.OBJECTIVES.")
     flags.DEFINE_bool("classwise", True, "Write the class-wise report (JSON + PNG plots).")
     flags.DEFINE_bool("sanity", False, "Run the gradient-masking sanity checks "
                       "(Carlini et al. 2019) and flag failures in the report.")
@@ -124,4 +151,14 @@ def define_evaluate():
     flags.DEFINE_string("surrogate_path", None, "A .keras model to transfer attacks from in "
                         "the sanity checks. Default: the model without its inserted layers "
                         "(when it has any), else the transfer check is skipped.")
+    flags.DEFINE_string("memorization_scores", None, "Per-example memorization scores (.npy, "
+                        "or .npz with a tr_mem entry) of --memorization_split, for "
+                        "--split_by_memorization.")
+    flags.DEFINE_bool("split_by_memorization", False, "Also report clean and robust accuracy "
+                      "on the typical (mem <= t) and atypical (mem > t) examples of the first "
+                      "--num_images of --memorization_split.")
+    flags.DEFINE_enum("memorization_split", "train", ["train", "test"], "The split the "
+                      "scores index (Feldman & Zhang's tr_mem: train).")
+    flags.DEFINE_float("memorization_threshold", 0.15, "t between typical and atypical "
+                       "(the BAT paper's 0.15).")
     flags.DEFINE_integer("verbose", 1, "0 quiet, 1 progress bars.")

@@ -160,8 +160,9 @@ def test_objective_hook_for_adaptive_evaluation(trained_cnn, batch):
         del evaluation.OBJECTIVES["helpful"]
     assert calls
     assert helpful["pgd10"]["accuracy"] > main["pgd10"]["accuracy"] + 0.3
-    with pytest.raises(ValueError, match="loss"):
-        evaluation.evaluate(trained_cnn, x, y, ["pgd10"], eps=0.03, loss="combined")
+    for bad in ("bogus", "aux"):  # unknown; "aux" needs auxiliary heads, this model has none
+        with pytest.raises(ValueError, match="loss"):
+            evaluation.evaluate(trained_cnn, x, y, ["pgd10"], eps=0.03, loss=bad)
 
 
 def test_format_markdown():

@@ -24,6 +24,58 @@ def project(x_adv, x, eps, norm):
     return tf.clip_by_value(x + delta, 0.0, 1.0)
 
 
+def compute_dtype(model):
+    """The dtype `model` computes in: "float16" under the "mixed_float16" policy."""
+    policy = getattr(model, "dtype_policy", None)
+    return getattr(policy, "compute_dtype", "float32")
+
+
+def scaled_input_gradient(x_adv, y, loss_fn, max_retries=8):
+    """∇ₓ Σᵢ Lᵢ for a float16 model, with per-example loss scaling so nothing underflows.
+
+    Mixed-precision loss scaling (Micikevicius et al., "Mixed Precision Training", ICLR
+    2018) per example: the backward pass runs from sᵢ·Lᵢ with sᵢ = 2^eᵢ and the gradient is
+    divided by sᵢ in float32 afterwards (exact: a power of two). A confidently classified
+    example has a tiny loss and a gradient of about the same size (cross-entropy:
+    1 − p_y ≈ L), far below float16's smallest subnormal 6e-8 once back-propagated to the
+    input, so eᵢ = round(8 − log2 Lᵢ), clipped to [0, 108] (L = 0 in float32 still has a
+    gradient), brings the gradient at the logits to about 2^8. An example whose scaled
+    gradient overflows (not finite; e.g. a loss whose gradient is much larger than the
+    loss, such as a KL divergence near its minimum) is redone with eᵢ lowered by 16, at
+    most `max_retries` times (eᵢ = 0 last), each retry one more backward pass of the batch
+    taken only when needed. Returns `(gradient float32 like x_adv, per-example loss)`.
+    """
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x_adv)
+        loss = loss_fn(x_adv, y)
+        loss32 = tf.cast(loss, tf.float32)
+    shape = tf.concat([tf.shape(x_adv)[:1], tf.ones([tf.rank(x_adv) - 1], tf.int32)], 0)
+    log2 = tf.math.log(tf.maximum(tf.abs(loss32), 2.0 ** -100)) / tf.math.log(2.0)
+    exponent = tf.clip_by_value(tf.round(8.0 - log2), 0.0, 108.0)
+
+    def gradient(e):
+        scale = tf.pow(2.0, e)
+        g = tf.cast(tape.gradient(loss32, x_adv, output_gradients=scale), tf.float32)
+        g /= tf.reshape(scale, shape)
+        finite = tf.reduce_all(tf.math.is_finite(tf.reshape(g, [tf.shape(g)[0], -1])), -1)
+        return g, finite | tf.equal(e, 0.0)  # unscaled: nothing left to try
+
+    def retry(i, e, g, done):
+        lowered = 0.0 if max_retries == 1 else tf.where(
+            i + 1 >= max_retries, 0.0, tf.maximum(e - 16.0, 0.0))
+        e = tf.where(done, e, lowered)
+        g_new, ok = gradient(e)
+        g = tf.where(tf.reshape(done, shape), g, g_new)
+        return i + 1, e, g, done | ok
+
+    grad, done = gradient(exponent)
+    _, _, grad, _ = tf.while_loop(lambda i, e, g, done: ~tf.reduce_all(done), retry,
+                                  (tf.constant(0), exponent, grad, done),
+                                  maximum_iterations=max_retries)
+    del tape
+    return grad, loss
+
+
 class Attack:
     """Base class of the attacks: a classifier, a threat model and a loss.
 
@@ -96,7 +148,14 @@ class Attack:
         raise NotImplementedError
 
     def input_gradient(self, x_adv, y, loss_fn):
-        """Gradient of the summed per-example loss w.r.t. the input, and the losses."""
+        """Gradient of the summed per-example loss w.r.t. the input, and the losses.
+
+        Under a mixed float16 policy the backward pass runs in float16, where the small
+        gradients of confidently classified examples underflow to 0; it is then taken
+        with per-example loss scaling (`scaled_input_gradient`).
+        """
+        if compute_dtype(self.model) == "float16":
+            return scaled_input_gradient(x_adv, y, loss_fn)
         with tf.GradientTape() as tape:
             tape.watch(x_adv)
             loss = loss_fn(x_adv, y)

@@ -3,10 +3,11 @@
 import keras
 import tensorflow as tf
 
-from again_tf.attacks import losses
+from again_tf.attacks import losses, objectives
 from again_tf.attacks.pgd import PGD
 from again_tf.defenses import registry
 from again_tf.defenses.base import Objective
+from again_tf.distribute import scale_for_replicas, step_logs
 from again_tf.models.base import Classifier, forward
 
 
@@ -26,12 +27,6 @@ class EpochCallback(keras.callbacks.Callback):
             piece.set_epoch(epoch)
 
 
-def scale_for_replicas(loss):
-    """Divides a replica's mean loss by the replica count: Keras sums replica gradients."""
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    return loss / replicas if replicas > 1 else loss
-
-
 @keras.saving.register_keras_serializable(package="again_tf")
 class AdversarialModel(keras.Model):
     """Wraps a classifier so that `fit` trains it with a defense and `evaluate` attacks it.
@@ -40,7 +35,10 @@ class AdversarialModel(keras.Model):
     and takes one optimizer step on the defense's loss; `test_step` reports clean
     `accuracy`, `loss` and the PGD `robust_accuracy`, so `fit(validation_data=...)` logs
     `val_robust_accuracy` for ModelCheckpoint/EarlyStopping/CSVLogger/TensorBoard.
-    Data are plain `(x, y)` or `(x, y, sample_weight)` batches, x in [0, 1].
+    Data are plain `(x, y)` or `(x, y, sample_weight)` batches, x in [0, 1]. A defense
+    with a piece whose `uses_index` is True (BAT) reads the third element as each
+    example's integer index into the training split instead (`data.load(...,
+    with_index=True)`), and that piece's `loss`/`example_weights` receive it as `index=`.
 
     Args:
         model: the classifier (logits out). An `again_tf.models.Classifier` also gives
@@ -85,8 +83,7 @@ class AdversarialModel(keras.Model):
             self.objective, self.modifiers = registry.get(defense, **hparams)
             self.modifiers += list(modifiers)
             self.defense_name = defense
-        if hasattr(self.objective, "attach"):  # e.g. LBGAT creates its teacher from `model`
-            self.objective.attach(model)
+        self.objective.attach(model)
         self._insert_layers()
         self.hparams = dict(hparams)
         self.eps, self.steps, self.norm, self.seed = float(eps), int(steps), norm, seed
@@ -95,8 +92,7 @@ class AdversarialModel(keras.Model):
         self.eval_step_size = float(eval_step_size) if eval_step_size else self.step_size
         self.attack_training = bool(attack_training)
         self.weight_decay = float(weight_decay)
-        make_attack = getattr(self.objective, "make_attack", PGD)  # FAT: early-stopped PGD
-        self.attack = make_attack(model, self.eps, self.step_size, self.steps, norm=norm,
+        self.attack = self.objective.make_attack(model, self.eps, self.step_size, self.steps, norm=norm,
                                   training=self.attack_training, seed=seed,
                                   **self.objective.attack_options)
         self.eval_attack = None
@@ -125,17 +121,33 @@ class AdversarialModel(keras.Model):
             self.model.inserts.update(layers)
             self.model._check_inserts()
 
-    def callbacks(self):
-        """The Keras callbacks the defense needs (its epoch schedules); `fit` adds them."""
-        pieces = [p for p in [self.objective] + self.modifiers if hasattr(p, "set_epoch")]
-        return [EpochCallback(pieces)] if pieces else []
+    @property
+    def uses_index(self):
+        """True if a piece of the defense (e.g. BAT) reads a third batch element as an index."""
+        return any(p.uses_index for p in [self.objective] + self.modifiers)
+
+    def callbacks(self, validation_data=None):
+        """The Keras callbacks the defense needs (its epoch schedules); `fit` adds them.
+
+        Each piece's `make_callbacks(adv_model, validation_data)` adds its own
+        (e.g. the class-wise defense's epoch-end update on the held-out data).
+        """
+        pieces = [self.objective] + self.modifiers
+        out = [EpochCallback(pieces)]
+        for p in pieces:
+            out += list(p.make_callbacks(self, validation_data))
+        return out
 
     def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None,
             **kwargs):
-        """`keras.Model.fit`, with `callbacks()` added unless an `EpochCallback` is given."""
+        """`keras.Model.fit`, with `callbacks()` added unless an `EpochCallback` is given.
+
+        They run before the caller's callbacks, so that a checkpoint or logger called at an
+        epoch's end sees the defense's state after that epoch (e.g. updated class weights).
+        """
         callbacks = list(callbacks or [])
         if not any(isinstance(c, EpochCallback) for c in callbacks):
-            callbacks += self.callbacks()
+            callbacks = self.callbacks(kwargs.get("validation_data")) + callbacks
         return super().fit(x=x, y=y, batch_size=batch_size, epochs=epochs, verbose=verbose,
                            callbacks=callbacks, **kwargs)
 
@@ -151,15 +163,32 @@ class AdversarialModel(keras.Model):
                 piece.build(input_shape)
         self.built = True
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Under a strategy Keras builds the model from the first batch averaged over the
+        # replicas, which MultiWorkerMirroredStrategy cannot do eagerly; a built model needs
+        # no batch (only its optimizer is left to build).
+        compiled = [getattr(self, "_compile_metrics", None), getattr(self, "_compile_loss", None)]
+        if (iterator is not None and self._distribute_strategy is not None
+                and all(layer.built for layer in self._flatten_layers())
+                and all(c is None or c.built for c in compiled)):
+            with self.distribute_strategy.scope():
+                self._symbolic_build(data_batch=None)
+            return
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
     def call(self, x, training=False):
         return self.model(x, training=training)
 
-    def batch_loss(self, x, x_adv, y, sample_weight=None):
+    def batch_loss(self, x, x_adv, y, sample_weight=None, index=None):
         """The replica's contribution to the global mean loss, and the logged logits."""
-        per_example, logits = self.objective.loss(self.model, x, x_adv, y)
+        def indexed(piece):  # pieces that use the index (BAT) receive it
+            return {"index": index} if piece.uses_index else {}
+
+        per_example, logits = self.objective.loss(self.model, x, x_adv, y,
+                                                  **indexed(self.objective))
         weights = sample_weight
         for m in self.modifiers:
-            w = m.example_weights(self, x, x_adv, y)
+            w = m.example_weights(self, x, x_adv, y, **indexed(m))
             if w is not None:
                 weights = w if weights is None else weights * w
         if weights is not None:
@@ -168,23 +197,29 @@ class AdversarialModel(keras.Model):
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        index = None
+        if self.uses_index:  # the third element is each example's index, not a weight
+            index, sample_weight = sample_weight, None
+            if index is None:
+                raise ValueError(f"Defense {self.defense_name!r} needs (x, y, index) batches "
+                                 f"(again_tf.data.load(..., with_index=True)); received (x, y)")
         x = tf.convert_to_tensor(x, tf.float32)
         if not self.built:  # Keras builds on the first trace when no strategy is set
             self.build(tuple(x.shape))
-        if hasattr(self.objective, "before_attack"):  # e.g. LAS-AT's policy update
-            self.objective.before_attack(self, x, y)
+        self.objective.before_attack(self, x, y)
         x_adv = self.objective.adversarial_examples(self.model, self.attack, x, y)
         for m in self.modifiers:
-            m.before_gradient(self, lambda: self.batch_loss(x, x_adv, y, sample_weight)[0])
+            m.before_gradient(self, lambda: self.batch_loss(x, x_adv, y, sample_weight,
+                                                            index)[0])
         variables = self.trainable_variables
         with tf.GradientTape() as tape:
-            loss, logits = self.batch_loss(x, x_adv, y, sample_weight)
+            loss, logits = self.batch_loss(x, x_adv, y, sample_weight, index)
             total = loss
             if self.weight_decay:
                 # d/dw of wd/2·‖w‖² is wd·w: torch's coupled decay, correct under replicas
                 # and loss scaling because it goes through the same path as the loss.
                 decayed = self.model.trainable_variables + list(
-                    getattr(self.objective, "decayed_variables", []))  # e.g. LBGAT's teacher
+                    self.objective.decayed_variables)
                 total += 0.5 * self.weight_decay * tf.add_n(
                     [tf.reduce_sum(tf.square(v)) for v in decayed])
             scaled = self.optimizer.scale_loss(scale_for_replicas(total))
@@ -198,23 +233,43 @@ class AdversarialModel(keras.Model):
         self.optimizer.apply(grads, variables)
         self.loss_tracker.update_state(loss)
         self.accuracy_tracker.update_state(y, logits)
-        return {m.name: m.result() for m in (self.loss_tracker, self.accuracy_tracker)}
+        return step_logs((self.loss_tracker, self.accuracy_tracker))
 
     def test_step(self, data):
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
         x = tf.convert_to_tensor(x, tf.float32)
         if not self.built:
             self.build(tuple(x.shape))
-        logits = forward(self.model, x, training=False)["logits"]
+        outputs = forward(self.model, x, training=False)
+        logits = outputs["logits"]
         self.loss_tracker.update_state(tf.reduce_mean(losses.cross_entropy(logits, y)))
         self.val_accuracy.update_state(y, logits)
         result = [self.loss_tracker, self.val_accuracy]
-        if self.eval_attack is not None:
+        if self.eval_attack is not None and not outputs["aux_logits"]:
             x_adv = self.eval_attack.perturb(x, y)
             self.robust_accuracy.update_state(
                 y, forward(self.model, x_adv, training=False)["logits"])
             result.append(self.robust_accuracy)
-        return {m.name: m.result() for m in result}
+        elif self.eval_attack is not None:
+            # Auxiliary heads (a Python list: known at trace time) pick the channel masks at
+            # inference, so the validation attack runs on each of `objectives.HEAD_OBJECTIVES`
+            # (main, combined, aux) and an example is robust only if correct under all: the
+            # logged logits are, per example, those of the first objective that fooled it.
+            beta = getattr(self.objective, "aux_weight", objectives.DEFAULT_AUX_WEIGHT)
+            worst = None
+            for name in objectives.HEAD_OBJECTIVES:
+                loss_fn = objectives.objective_fn(self.model, name, self.eval_attack.loss, beta)
+                adv_logits = forward(self.model, self.eval_attack.perturb(x, y, loss_fn),
+                                     training=False)["logits"]
+                if worst is None:
+                    worst = adv_logits
+                    continue
+                fooled = tf.not_equal(tf.argmax(worst, -1, output_type=tf.int32),
+                                      tf.cast(y, tf.int32))
+                worst = tf.where(fooled[:, None], worst, adv_logits)
+            self.robust_accuracy.update_state(y, worst)
+            result.append(self.robust_accuracy)
+        return step_logs(result)
 
     def get_config(self):
         config = super().get_config()

@@ -17,6 +17,8 @@ import keras
 import tensorflow as tf
 
 from again_tf.attacks import losses
+from again_tf.attacks.pgd import PGD
+from again_tf.distribute import ReplicaLocal
 from again_tf.models.base import forward
 
 
@@ -31,6 +33,12 @@ def head_loss(outputs, labels, loss, aux_weight):
     if aux:
         total += aux_weight * tf.add_n([loss(a, labels) for a in aux]) / len(aux)
     return total
+
+
+def needs_partner(model):
+    """True if a layer inserted in `model` needs the clean/adversarial partner batch."""
+    inserts = getattr(model, "inserts", None) or {}
+    return any(getattr(layer, "needs_partner", False) for layer in inserts.values())
 
 
 class Objective(keras.layers.Layer):
@@ -48,7 +56,8 @@ class Objective(keras.layers.Layer):
     Subclasses set `name`, `uses_attack` (False: train on the clean batch), optionally
     `attack_options` (keyword arguments the training attack needs, e.g. TRADES'
     `random_start="normal"`), and implement `loss`; their `get_config` adds their own
-    constructor arguments.
+    constructor arguments. A piece (objective or modifier) with `uses_index = True` (BAT)
+    trains on `(x, y, index)` batches and gets `index=` in `loss` / `example_weights`.
     """
 
     name = "objective"
@@ -60,13 +69,59 @@ class Objective(keras.layers.Layer):
         super().__init__(**kwargs)
         self.aux_weight = float(aux_weight)
 
+    # Optional hooks, shared by objectives and modifiers (defaults: nothing to do).
+    uses_index = False  # True: trains on (x, y, index) batches, gets `index=` (BAT)
+
+    def set_epoch(self, epoch):
+        """Called at each epoch's start (0-based) by `AdversarialModel.fit`'s callback."""
+
+    def make_callbacks(self, adv_model, validation_data):
+        """Extra Keras callbacks this piece needs (e.g. class-wise epoch-end updates)."""
+        return []
+
+    def attach(self, model):
+        """Called once with the classifier, before the attack is made (LBGAT: teacher)."""
+
+    def make_attack(self, model, eps, step_size, steps, **kwargs):
+        """The training attack; PGD unless the objective needs its own (FAT, LAS-AT)."""
+        return PGD(model, eps, step_size, steps, **kwargs)
+
+    def before_attack(self, adv_model, x, y):
+        """Runs at the start of each train step (LAS-AT: its policy update)."""
+
+    @property
+    def decayed_variables(self):
+        """Variables besides the classifier's that weight decay covers (LBGAT's teacher)."""
+        return []
+
     def build(self, input_shape):
         """Creates the objective's own state, if any; `input_shape` is the images'."""
         self.built = True
 
     def outputs(self, model, x, y, training):
-        """Forward pass; label-conditioned layers see `y` whenever a defense runs."""
-        return forward(model, x, training=training, labels=y)
+        """Forward pass; label-conditioned layers see `y` whenever a defense runs.
+
+        If `model` holds an inserted layer that `needs_partner` (AGAIN's HFF with
+        `pairing="clean_adv"`), a training-mode pass runs on `concat([x, partner])`,
+        where the partner of the adversarial batch is the clean batch and vice versa
+        (the pair `adversarial_examples` made last), and returns the outputs of `x`'s
+        half; an input with no partner is paired with itself (HFF is then the identity).
+        """
+        if not (training and needs_partner(model)):
+            return forward(model, x, training=training, labels=y)
+        partner = x
+        pairs = getattr(self, "_clean_adv_pairs", None)  # a ReplicaLocal: one per replica
+        pair = (pairs.get() if pairs is not None else None) or ()
+        if len(pair) == 2 and x is pair[0]:
+            partner = pair[1]
+        elif len(pair) == 2 and x is pair[1]:
+            partner = pair[0]
+        size = tf.shape(x)[0]
+        out = forward(model, tf.concat([x, partner], 0), training=training,
+                      labels=tf.concat([y, y], 0))
+        return {"logits": out["logits"][:size],
+                "aux_logits": [a[:size] for a in out["aux_logits"]],
+                "features": None if out["features"] is None else out["features"][:size]}
 
     def attack_loss(self, model, x, y):
         """The per-example loss the training attack maximizes: CE of all heads."""
@@ -79,7 +134,11 @@ class Objective(keras.layers.Layer):
         """The inputs this objective trains on (the clean batch if `uses_attack` is False)."""
         if not self.uses_attack:
             return x
-        return attack.perturb(x, y, self.attack_loss(model, x, y))
+        x_adv = attack.perturb(x, y, self.attack_loss(model, x, y))
+        if getattr(self, "_clean_adv_pairs", None) is None:
+            self._clean_adv_pairs = ReplicaLocal()
+        self._clean_adv_pairs.set((x, x_adv))  # looked up by identity in `outputs`
+        return x_adv
 
     def loss(self, model, x, x_adv, y):
         """Returns `(per-example loss (batch,), logits whose accuracy is logged)`."""
@@ -100,6 +159,16 @@ class Modifier(keras.layers.Layer):
     def __init__(self, **kwargs):
         kwargs.setdefault("name", type(self).name)
         super().__init__(**kwargs)
+
+    # Optional hooks, shared by objectives and modifiers (defaults: nothing to do).
+    uses_index = False  # True: trains on (x, y, index) batches, gets `index=` (BAT)
+
+    def set_epoch(self, epoch):
+        """Called at each epoch's start (0-based) by `AdversarialModel.fit`'s callback."""
+
+    def make_callbacks(self, adv_model, validation_data):
+        """Extra Keras callbacks this piece needs (e.g. class-wise epoch-end updates)."""
+        return []
 
     def build(self, input_shape):
         """Creates the modifier's own state, if any; `input_shape` is the images'."""

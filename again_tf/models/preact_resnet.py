@@ -105,5 +105,6 @@ class PreActResNet18(Classifier):
             PreActBlock, (64, 128, 256, 512), (1, 2, 2, 2), 2)
         self.neck = BNReLU(name="neck")
         self.pool = keras.layers.GlobalAveragePooling2D(name="pool")
-        self.fc = keras.layers.Dense(self.num_classes, name="fc")
+        # float32 logits (and losses) under a mixed-precision policy
+        self.fc = keras.layers.Dense(self.num_classes, dtype="float32", name="fc")
         self._check_inserts()

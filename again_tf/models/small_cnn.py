@@ -144,7 +144,8 @@ class SmallCNN(Classifier):
         self.block_names = ("stage1", "stage2")
         self.neck = None
         self.pool = HiddenDense(self.hidden, depth=2, name="pool")
-        self.fc = keras.layers.Dense(self.num_classes, name="fc")
+        # float32 logits (and losses) under a mixed-precision policy
+        self.fc = keras.layers.Dense(self.num_classes, dtype="float32", name="fc")
         self._check_inserts()
 
     def get_config(self):

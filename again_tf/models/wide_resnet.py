@@ -81,7 +81,8 @@ class WideResNet(Classifier):
             dropout=self.dropout)
         self.neck = BNReLU(name="neck")
         self.pool = keras.layers.GlobalAveragePooling2D(name="pool")
-        self.fc = keras.layers.Dense(self.num_classes, name="fc")
+        # float32 logits (and losses) under a mixed-precision policy
+        self.fc = keras.layers.Dense(self.num_classes, dtype="float32", name="fc")
         self._check_inserts()
 
     def get_config(self):

@@ -1,0 +1,204 @@
+"""Distribution: every defense takes the same steps on 2 replicas (mirrored on two logical
+CPUs, or two worker processes on 127.0.0.1) as on one device; synchronized BatchNorm;
+train.py --strategy=mirrored; bad strategy settings."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from again_tf import distribute
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Trains one tiny model per defense for 2 epochs of one global batch of 16, on the strategy
+# named by argv[1], and saves {defense: [weights...]} to argv[3]. The attack's start is a
+# fixed function of x (random starts are drawn per replica, so they cannot match one
+# device's): x + 0.02·cos(50x), inside the ε = 0.1 ball.
+SCRIPT = textwrap.dedent("""
+    import os, sys
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    import numpy as np, tensorflow as tf
+    from again_tf import distribute, models
+    kind, defenses, out = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
+    sync = "sync" in kind
+    if kind.startswith("mirrored"):
+        strategy = distribute.make_strategy("mirrored", cpu_replicas=2)
+    elif kind == "multi_worker":
+        strategy = distribute.make_strategy("multi_worker")
+    else:
+        distribute.configure_cpu_replicas(2)
+        strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    import keras
+    from again_tf.defenses import AdversarialModel
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(16, 8, 8, 1)).astype(np.float32)
+    y = rng.integers(0, 3, 16)
+
+    def net(bn):
+        if bn:  # a Classifier with BatchNorm (small_cnn's blocks)
+            return models.SmallCNN(3, width=2, hidden=8)
+        return keras.Sequential([keras.Input((8, 8, 1)),
+                                 keras.layers.Conv2D(4, 3, activation="relu"),
+                                 keras.layers.Flatten(), keras.layers.Dense(3)])
+
+    results = {}
+    for name in defenses:
+        defense, _, params = name.partition(":")
+        hparams = dict(p.split("=") for p in params.split(";") if p)
+        hparams = {k: int(v) if v.isdigit() else float(v) for k, v in hparams.items()}
+        with strategy.scope():
+            keras.utils.set_random_seed(0)
+            models.set_sync_batchnorm(sync)
+            classifier = net(bn="bn" in kind)
+            adv = AdversarialModel(classifier, defense=defense, eps=0.1, step_size=0.03,
+                                   steps=3, weight_decay=0.01, eval_steps=0, **hparams)
+            adv.build((None, 8, 8, 1))
+            models.set_sync_batchnorm(False)
+            adv.attack.start = lambda z: tf.clip_by_value(z + 0.02 * tf.cos(50.0 * z), 0, 1)
+            adv.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9))
+        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+        if kind == "multi_worker":
+            data = distribute.shard_by_data(data)
+        adv.fit(data, epochs=2, verbose=0)
+        results[name] = [v.numpy() for v in classifier.weights]
+    np.savez(out, **{f"{k}|{i}": w for k, ws in results.items() for i, w in enumerate(ws)})
+    print("ok", strategy.num_replicas_in_sync)
+""")
+
+
+def run_script(kind, defenses, out, env=None, timeout=300):
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, kind, ",".join(defenses), out],
+                            cwd=ROOT, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def differences(a, b):
+    """{defense: max |weight difference|} between two saved runs."""
+    a, b = np.load(a), np.load(b)
+    assert sorted(a.files) == sorted(b.files)
+    out = {}
+    for key in a.files:
+        name = key.split("|")[0]
+        out[name] = max(out.get(name, 0.0), float(np.abs(a[key] - b[key]).max()))
+    return out
+
+
+# TRADES, MART and AWP at least; AWP's warm-up switch (trades_awp with awp_warmup=1: no
+# perturbation in epoch 0, a perturbation in epoch 1); FAT's early stop (without its
+# per-step noise ω, random); LBGAT's jointly trained teacher. (pgd_at: test_adversarial_model.)
+DEFENSES = ["trades", "mart", "awp", "trades_awp:awp_warmup=1", "fat:omega=0", "lbgat"]
+
+
+def test_mirrored_defenses_match_one_device(tmp_path):
+    """Two replicas of 8 examples take the same 2 steps as one device with 16 (all defenses)."""
+    one = run_script("one_device", DEFENSES, str(tmp_path / "one.npz"))
+    two = run_script("mirrored", DEFENSES, str(tmp_path / "two.npz"))
+    assert finish(one).split()[-1] == "1"  # replicas
+    assert finish(two).split()[-1] == "2"
+    diff = differences(tmp_path / "one.npz", tmp_path / "two.npz")
+    assert set(diff) == set(DEFENSES)
+    assert all(d < 2e-5 for d in diff.values()), diff
+
+
+def test_sync_batchnorm_matches_one_device_and_plain_batchnorm_does_not(tmp_path):
+    """With BatchNorm, replicas match one device only when the statistics are synchronized."""
+    runs = {kind: str(tmp_path / f"{kind}.npz")
+            for kind in ("one_device_bn", "mirrored_bn_sync", "mirrored_bn")}
+    for proc in [run_script(kind, ["pgd_at"], out) for kind, out in runs.items()]:
+        finish(proc)
+    synced = differences(runs["one_device_bn"], runs["mirrored_bn_sync"])["pgd_at"]
+    per_replica = differences(runs["one_device_bn"], runs["mirrored_bn"])["pgd_at"]
+    assert synced < 2e-5, synced
+    assert per_replica > 1e-3, per_replica  # per-replica statistics really differ
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_workers_match_one_device(tmp_path):
+    """MultiWorkerMirroredStrategy over two processes on 127.0.0.1 == one device."""
+    defenses = ["pgd_at", "awp"]
+    workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
+    procs = []
+    for index in range(2):
+        config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        procs.append(run_script("multi_worker", defenses, str(tmp_path / f"worker{index}.npz"),
+                                env={"TF_CONFIG": json.dumps(config)}))
+    try:
+        outs = [finish(p, timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [o.split()[-1] for o in outs] == ["2", "2"]
+    finish(run_script("one_device", defenses, str(tmp_path / "one.npz")))
+    for index in range(2):
+        diff = differences(tmp_path / "one.npz", tmp_path / f"worker{index}.npz")
+        assert all(d < 2e-5 for d in diff.values()), (index, diff)
+
+
+def test_train_py_mirrored_on_two_cpu_replicas(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--strategy=mirrored", "--cpu_replicas=2",
+         "--sync_batchnorm", "--train_size=320", "--val_size=64", "--epochs=1",
+         "--attack_steps=2", "--eval_steps=2", "--test_images=64", "--batch_size=64",
+         "--width=4", f"--out_dir={out}", "--verbose=2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MirroredStrategy with 2 replica(s), global batch 64" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["test_images"] == 64 and 0.0 <= results["pgd20"] <= results["clean"]
+    run = json.loads((out / "run.json").read_text())
+    assert run["strategy"] == "mirrored" and run["cpu_replicas"] == 2 and run["sync_batchnorm"]
+
+
+def test_bad_strategy_settings_name_the_flag(monkeypatch):
+    with pytest.raises(ValueError, match="--strategy='bogus' is unknown"):
+        distribute.make_strategy("bogus")
+    with pytest.raises(ValueError, match="--cpu_replicas=2 applies to --strategy=mirrored"):
+        distribute.make_strategy("none", cpu_replicas=2)
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ValueError, match="needs the TF_CONFIG environment variable"):
+        distribute.make_strategy("multi_worker")
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    with pytest.raises(ValueError, match="TF_CONFIG=.* is not JSON"):
+        distribute.make_strategy("multi_worker")
+    monkeypatch.setenv("TF_CONFIG", json.dumps(
+        {"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 3}}))
+    with pytest.raises(ValueError, match="task.index=3 is outside the 1 workers"):
+        distribute.make_strategy("multi_worker")
+
+
+def test_chief_is_worker_zero_unless_a_chief_is_named(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert distribute.is_chief()
+    cluster = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
+    for index, chief in ((0, True), (1, False)):
+        monkeypatch.setenv("TF_CONFIG", json.dumps(
+            {"cluster": cluster, "task": {"type": "worker", "index": index}}))
+        assert distribute.is_chief() == chief
+    monkeypatch.setenv("TF_CONFIG", json.dumps(
+        {"cluster": {**cluster, "chief": ["127.0.0.1:3"]},
+         "task": {"type": "worker", "index": 0}}))
+    assert not distribute.is_chief()
