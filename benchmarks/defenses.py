@@ -7,15 +7,17 @@ Each defense is trained by `again_tf.training.train` (what `train.py` runs) with
 data, model, optimizer, epochs, threat model and seed; its own hyper-parameters are the
 `--defense_params` of its recipe `flags/fashion_mnist_cnn_<defense>.cfg` when there is
 one (e.g. a short FAT τ schedule, LAS-AT's small-CNN strategy network), else its defaults.
-Prints one Markdown table (clean, PGD-20 and CW-∞ accuracy on the first `--test_images`
-test images, training seconds) and writes the rows to `--json`.
+Prints one Markdown table (clean, PGD-20, the worst class's PGD-20 and CW-∞ accuracy on
+the first `--test_images` test images, training seconds; robust accuracies are adaptive —
+the worst over main/combined/auxiliary losses — for models with auxiliary heads) and
+writes the rows to `--json`.
+`--from_runs --out_dir=DIR` rebuilds the table from finished runs without training.
 """
 
 import json
 import os
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,12 +37,14 @@ flags.DEFINE_integer("width", 0, "small_cnn width (0: its default, 32).")
 flags.DEFINE_integer("seed", 0, "Seed of every run.")
 flags.DEFINE_string("out_dir", None, "Folder for the runs (one subfolder per defense). "
                     "Default: a new temporary folder.")
+flags.DEFINE_bool("from_runs", False, "Train nothing: rebuild the table from the finished "
+                  "runs in --out_dir (their results.json and model.keras).")
 flags.DEFINE_string("json", os.path.join(ROOT, "benchmarks", "defenses.json"),
                     "Where to write the table's rows as JSON.")
 FLAGS = flags.FLAGS
 
 ATTACKS = ("clean", "pgd20", "cw")
-HEADERS = ("defense", "clean", "PGD-20", "CW-∞", "train s")
+HEADERS = ("defense", "clean", "PGD-20", "worst-class PGD-20", "CW-∞", "train s")
 
 
 def recipe_params(defense):
@@ -67,19 +71,42 @@ def run(defense, out_dir):
         val_size=FLAGS.val_size, train_size=FLAGS.train_size, test_images=FLAGS.test_images,
         test_attacks=ATTACKS, defense_params=recipe_params(defense), seed=FLAGS.seed,
         out_dir=os.path.join(out_dir, defense), verbose=0)
-    start = time.time()
-    result = training.train(cfg)
+    training.train(cfg)
+    return summarize(defense, cfg.out_dir)
+
+
+def summarize(defense, run_dir):
+    """The table row of a finished run: its results.json plus the worst class's PGD-20.
+
+    The worst class is re-measured on the saved model with the final table's attack
+    (adaptive PGD-20, same seed and images), per class of the test labels.
+    """
+    import keras
+    import numpy as np
+
+    from again_tf import data, evaluation
+
+    with open(os.path.join(run_dir, "results.json")) as f:
+        result = json.load(f)
+    with open(os.path.join(run_dir, "run.json")) as f:
+        cfg = json.load(f)
+    model = keras.models.load_model(os.path.join(run_dir, "model.keras"))
+    x, y = data.load_arrays("fashion_mnist", f"test[:{result['test_images']}]")
+    scores = evaluation.evaluate(model, x.astype(np.float32) / 255, y, ["pgd20"],
+                                 eps=cfg["eps"], step_size=cfg["step_size"], seed=cfg["seed"])
+    correct = scores["pgd20"]["correct"]
+    per_class = [float(correct[y == c].mean()) for c in np.unique(y)]
     return {"defense": defense, "clean": result["clean"], "pgd20": result["pgd20"],
+            "worst_class_pgd20": min(per_class), "worst_class": int(np.argmin(per_class)),
             "cw": result["cw"], "train_seconds": result["train_seconds"],
-            "wall_seconds": round(time.time() - start, 1),
-            "defense_params": cfg.defense_params}
+            "by_loss": result.get("by_loss"), "defense_params": cfg["defense_params"]}
 
 
 def markdown(rows):
     lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     for r in rows:
-        lines.append(f"| {r['defense']} | {r['clean']:.4f} | {r['pgd20']:.4f} | {r['cw']:.4f} "
-                     f"| {r['train_seconds']:.1f} |")
+        lines.append(f"| {r['defense']} | {r['clean']:.4f} | {r['pgd20']:.4f} "
+                     f"| {r['worst_class_pgd20']:.4f} | {r['cw']:.4f} | {r['train_seconds']:.1f} |")
     return "\n".join(lines)
 
 
@@ -97,9 +124,14 @@ def main(argv):
     if unknown:
         sys.exit(f"defenses.py: error: --defenses has unknown {unknown}; expected some of "
                  f"{', '.join(registry.names())}")
+    if FLAGS.from_runs and not FLAGS.out_dir:
+        sys.exit("defenses.py: error: --from_runs needs --out_dir (the folder of the runs)")
     out_dir = FLAGS.out_dir or tempfile.mkdtemp(prefix="again_tf_defenses_")
     rows = []
     for defense in FLAGS.defenses:
+        if FLAGS.from_runs:
+            rows.append(summarize(defense, os.path.join(out_dir, defense)))
+            continue
         print(f"training {defense} ...", flush=True)
         rows.append(run(defense, out_dir))
     table = markdown(rows)
