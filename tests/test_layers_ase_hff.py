@@ -1,10 +1,5 @@
 """Tests of AGAIN's layers (ASE, HFF), the ASE modifier and the again_* defenses."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import keras
 import numpy as np
 import pytest
@@ -16,8 +11,8 @@ from again_tf.defenses import AdversarialModel, registry
 from again_tf.defenses.ase import ASE
 from again_tf.defenses.base import head_loss
 from again_tf.models import forward
+from helpers import served_in_fresh_process
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, H, W, C, K = 6, 3, 4, 5, 8  # batch, height, width, channels, classes
 LABELS = np.array([3, 0, 7, 1, 5, 2])  # distinct, so y' identifies the partner
 TWO_POINTS = "stage1+penultimate"  # two heads on the SmallCNN (its default is one)
@@ -244,18 +239,8 @@ def test_config_round_trip_keras_file_and_saved_model(tmp_path):
     model.save(path)
     loaded = keras.saving.load_model(path)
     np.testing.assert_allclose(loaded(x, training=False), expected, rtol=1e-5, atol=1e-5)
-    export = str(tmp_path / "saved")
-    model.export(export, format="tf_saved_model", verbose=False,
-                 input_signature=[tf.TensorSpec((None, 28, 28, 1), tf.float32)])
-    np.save(tmp_path / "x.npy", x)
-    script = textwrap.dedent(f"""
-        import numpy as np, tensorflow as tf
-        served = tf.saved_model.load({export!r})
-        np.save({str(tmp_path / 'y.npy')!r}, served.serve(np.load({str(tmp_path / 'x.npy')!r})).numpy())
-    """)
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT,
-                   env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(served_in_fresh_process(model, x, tmp_path), expected,
+                               rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------- the again_* names
