@@ -9,9 +9,12 @@ Every file is written to a temporary name and moved into place with `os.replace`
 an interrupted write never leaves a half-written checkpoint behind.
 """
 
+import contextlib
 import json
 import math
 import os
+import signal
+import threading
 
 import keras
 
@@ -34,6 +37,27 @@ def read_json(path, default=None):
             return json.load(f)
     except (OSError, ValueError) as e:
         raise ValueError(f"Corrupt run file {path}: {e}") from None
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Holds back Ctrl-C (SIGINT) until the block ends, then raises KeyboardInterrupt.
+
+    A KeyboardInterrupt raised inside h5py leaves the half-written file open, and the
+    save on interrupt that follows could not write it again. Outside the main thread
+    signals cannot be handled, so the block runs unprotected there.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def save_weights(model, path):
@@ -96,19 +120,21 @@ class Checkpointer(keras.callbacks.Callback):
             self.nan_epoch = epoch + 1
             self.model.stop_training = True
             return
-        self.history = [h for h in self.history if h["epoch"] <= epoch] + [
-            {"epoch": epoch + 1, **logs}]
-        write_json(os.path.join(self.directory, "metrics.json"), self.history)
-        save_weights(self.model, self.last)
-        value = logs.get(self.monitor)
-        if value is None or self.state.get("best") is None or value > self.state["best"]:
-            save_weights(self.model, self.best)
-            self.state.update(best=value, best_epoch=epoch + 1)
-        self.state.update(epoch=epoch + 1, interrupted=False)
-        write_json(self.path("state.json"), self.state)
+        with interrupts_deferred():  # the epoch's files are written as one unit
+            self.history = [h for h in self.history if h["epoch"] <= epoch] + [
+                {"epoch": epoch + 1, **logs}]
+            write_json(os.path.join(self.directory, "metrics.json"), self.history)
+            save_weights(self.model, self.last)
+            value = logs.get(self.monitor)
+            if value is None or self.state.get("best") is None or value > self.state["best"]:
+                save_weights(self.model, self.best)
+                self.state.update(best=value, best_epoch=epoch + 1)
+            self.state.update(epoch=epoch + 1, interrupted=False)
+            write_json(self.path("state.json"), self.state)
 
     def save_interrupted(self):
         """On Ctrl-C: keeps the mid-epoch weights; resuming reruns the unfinished epoch."""
-        save_weights(self.model, self.last)
-        self.state["interrupted"] = True
-        write_json(self.path("state.json"), self.state)
+        with interrupts_deferred():  # a second Ctrl-C must not cut this save short
+            save_weights(self.model, self.last)
+            self.state["interrupted"] = True
+            write_json(self.path("state.json"), self.state)

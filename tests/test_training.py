@@ -98,6 +98,33 @@ def test_resume_continues_from_the_last_epoch(tmp_path):
     assert int(adv.optimizer.iterations.numpy()) == 2 * (512 // 64)  # optimizer state resumed
 
 
+def test_ctrl_c_during_the_epoch_save_waits_for_the_files(tmp_path):
+    """SIGINT arriving mid-write: the epoch's files complete, then KeyboardInterrupt."""
+    import signal
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    saver = checkpoint.Checkpointer(str(tmp_path))
+    saver.set_model(model)
+    real_save = model.save_weights
+
+    def save_interrupted_midway(path):
+        os.kill(os.getpid(), signal.SIGINT)  # delivered while the h5 file is being written
+        real_save(path)
+
+    model.save_weights = save_interrupted_midway
+    with pytest.raises(KeyboardInterrupt):
+        saver.on_epoch_end(0, {"loss": 1.0})
+    state = checkpoint.read_json(saver.path("state.json"))
+    assert state["epoch"] == 1 and not state["interrupted"]
+    model.save_weights = real_save
+    saver.save_interrupted()  # the file the interrupted write used is free again
+    fresh = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    fresh.load_weights(saver.last)
+    np.testing.assert_array_equal(fresh.get_weights()[0], model.get_weights()[0])
+    assert checkpoint.read_json(saver.path("state.json"))["interrupted"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 class NanAfter(PGDAT):
     """PGD-AT whose loss becomes NaN from its 12th train step on (in epoch 2 of 8 steps)."""
 
