@@ -91,6 +91,29 @@ def test_pgd_under_float16_is_as_strong_as_under_float32(trained_cnn, fashion_te
     assert abs(accuracy["float16"] - accuracy["off"]) <= 0.03, accuracy
 
 
+@pytest.mark.parametrize("kind", ["fat", "apgd"])
+def test_fat_and_apgd_under_float16_are_as_strong_as_under_float32(kind, trained_cnn,
+                                                                   fashion_test):
+    """Their own gradient loops (early stopping, momentum) use the float16-safe gradient."""
+    from again_tf.attacks.apgd import APGD
+    from again_tf.defenses.fat import EarlyStoppedPGD
+
+    x, y = fashion_test[0][:300], fashion_test[1][:300]
+    accuracy = {}
+    for mode in ("off", "float16"):
+        net = copy_cnn(trained_cnn, mode)
+        if kind == "fat":  # τ = K: nobody stops early, so the gradient alone decides
+            attack = EarlyStoppedPGD(net, eps=0.1, step_size=0.025, steps=10, tau=10,
+                                     random_start=False)
+        else:
+            attack = APGD(net, eps=0.1, n_iter=10, seed=0)
+        x_adv = attack(x, y)
+        accuracy[mode] = float(np.mean(np.argmax(net(x_adv), -1) == y))
+    clean = float(np.mean(np.argmax(copy_cnn(trained_cnn, "off")(x), -1) == y))
+    assert accuracy["off"] < clean - 0.3, (clean, accuracy)
+    assert abs(accuracy["float16"] - accuracy["off"]) <= 0.03, accuracy
+
+
 def test_scaled_gradient_backs_off_when_the_scale_overflows():
     """A loss of 1e-30 whose gradient is O(1): the first scale 2^108 overflows float16."""
     keras.utils.set_random_seed(0)

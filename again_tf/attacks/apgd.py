@@ -180,18 +180,19 @@ class APGD(SubsetAttack):
         """(logits, per-example loss, ∇ₓ Σ loss), averaged over `eot_iter` passes."""
 
         def once():
-            with tf.GradientTape() as tape:
-                tape.watch(x_adv)
-                if loss_fn is None:
-                    logits = self.logits(x_adv)
-                    loss = self.objective(logits, y, target)
-                else:
-                    loss = tf.cast(loss_fn(x_adv, y), tf.float32)
-                    logits = None
-                total = tf.reduce_sum(loss)  # inside the tape, or the gradient is None
-            grad = tape.gradient(total, x_adv)
+            seen = {}
+
+            def loss_only(xa, ya):  # keeps the logits of the same forward pass
+                if loss_fn is not None:
+                    return tf.cast(loss_fn(xa, ya), tf.float32)
+                seen["logits"] = self.logits(xa)
+                return self.objective(seen["logits"], ya, target)
+
+            grad, loss = self.input_gradient(x_adv, y, loss_only)  # float16-safe
+            logits = seen.get("logits")
             if logits is None:
-                logits = tf.stop_gradient(self.logits(x_adv))
+                logits = self.logits(x_adv)
+            loss = tf.cast(loss, tf.float32)
             return tf.stop_gradient(logits), tf.stop_gradient(loss), grad
 
         if self.eot_iter == 1:

@@ -60,11 +60,14 @@ class EarlyStoppedPGD(PGD):
         per_example = tf.concat([[n], tf.ones([tf.rank(x) - 1], tf.int32)], 0)
 
         def body(i, x_adv, budget, moving):
-            with tf.GradientTape() as tape:
-                tape.watch(x_adv)
-                loss, logits = loss_fn(x_adv, y)
-                total = tf.reduce_sum(tf.cast(loss, tf.float32))
-            grad = tape.gradient(total, x_adv)
+            seen = {}
+
+            def loss_only(xa, ya):  # keeps the logits of the same forward pass
+                loss, seen["logits"] = loss_fn(xa, ya)
+                return loss
+
+            grad, _ = self.input_gradient(x_adv, y, loss_only)  # float16-safe
+            logits = seen["logits"]
             wrong = moving & tf.not_equal(tf.argmax(logits, axis=-1), labels)
             stop = wrong & tf.equal(budget, 0)
             budget = tf.where(wrong & ~stop, budget - 1, budget)
