@@ -64,6 +64,15 @@ def sum_over_replicas(values):
     return values
 
 
+def mean_over_replicas(value):
+    """The mean of a replica's scalar (itself a mean over its slice) over the replicas.
+
+    With equal slices (Keras splits the global batch evenly) this is the mean over the
+    global batch, the same on every replica (identity without replicas).
+    """
+    return sum_over_replicas([scale_for_replicas(value)])[0]
+
+
 def configure_cpu_replicas(count):
     """Splits the first CPU into `count` logical devices; returns their names.
 

@@ -52,7 +52,14 @@ SCRIPT = textwrap.dedent("""
     for name in defenses:
         defense, _, params = name.partition(":")
         hparams = dict(p.split("=") for p in params.split(";") if p)
-        hparams = {k: int(v) if v.isdigit() else float(v) for k, v in hparams.items()}
+        def value(v):
+            for kind_of in (int, float):
+                try:
+                    return kind_of(v)
+                except ValueError:
+                    pass
+            return v
+        hparams = {k: value(v) for k, v in hparams.items()}
         with strategy.scope():
             keras.utils.set_random_seed(0)
             models.set_sync_batchnorm(sync)
@@ -62,12 +69,20 @@ SCRIPT = textwrap.dedent("""
             adv.build((None, 8, 8, 1))
             models.set_sync_batchnorm(False)
             adv.attack.start = lambda z: tf.clip_by_value(z + 0.02 * tf.cos(50.0 * z), 0, 1)
+            if defense == "las_at":  # its random draws, as fixed functions of the inputs
+                adv.attack.policy_start = adv.attack.start
+                adv.objective.sample = lambda heads: [
+                    tf.argmax(h, -1, output_type=tf.int32) for h in heads]
+                adv.objective.reward_start = lambda z, eps: tf.clip_by_value(
+                    z + 0.5 * eps * tf.cos(30.0 * z), 0, 1)
             adv.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9))
         data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
         if kind == "multi_worker":
             data = distribute.shard_by_data(data)
         adv.fit(data, epochs=2, verbose=0)
-        results[name] = [v.numpy() for v in classifier.weights]
+        strategy_net = getattr(adv.objective, "strategy", None)  # LAS-AT's policy network
+        extra = strategy_net.weights if isinstance(strategy_net, keras.layers.Layer) else []
+        results[name] = [v.numpy() for v in classifier.weights + extra]
     np.savez(out, **{f"{k}|{i}": w for k, ws in results.items() for i, w in enumerate(ws)})
     print("ok", strategy.num_replicas_in_sync)
 """)
@@ -123,6 +138,18 @@ def test_sync_batchnorm_matches_one_device_and_plain_batchnorm_does_not(tmp_path
     per_replica = differences(runs["one_device_bn"], runs["mirrored_bn"])["pgd_at"]
     assert synced < 2e-5, synced
     assert per_replica > 1e-3, per_replica  # per-replica statistics really differ
+
+
+def test_las_at_on_mirrored_replicas_matches_one_device(tmp_path):
+    """LAS-AT's REINFORCE step uses the global batch's reward and gradient on every replica:
+    target and strategy networks match one device (synchronized BatchNorm in both)."""
+    las = ["las_at:interval=1;strategy=small_cnn;policy_lr=1.0;reward_steps=2;"
+           "reward_restarts=1;steps_range=1:3"]
+    runs = {kind: str(tmp_path / f"{kind}.npz") for kind in ("one_device_bn", "mirrored_bn_sync")}
+    for proc in [run_script(kind, las, out) for kind, out in runs.items()]:
+        finish(proc)
+    diff = differences(runs["one_device_bn"], runs["mirrored_bn_sync"])
+    assert diff[las[0]] < 2e-5, diff
 
 
 def free_ports(count):

@@ -151,6 +151,38 @@ class AdversarialModel(keras.Model):
         return super().fit(x=x, y=y, batch_size=batch_size, epochs=epochs, verbose=verbose,
                            callbacks=callbacks, **kwargs)
 
+    def make_train_function(self, force=False):
+        """Keras' train function; two compiled steps for an objective's periodic update.
+
+        With `objective.periodic_interval` set (LAS-AT), the steps where the update is due
+        and the others are traced separately and picked on the host from the objective's
+        `step` counter, one step per call (`steps_per_execution=1`).
+        """
+        interval = self.objective.periodic_interval
+        if (not interval or self.steps_per_execution != 1
+                or not hasattr(self, "_make_function")):
+            return super().make_train_function(force)
+        if self.train_function is not None and not force:
+            return self.train_function
+
+        def traced_with(due):
+            def step(data):
+                self.objective.periodic_due = due
+                try:
+                    return self.train_step(data)
+                finally:
+                    self.objective.periodic_due = None
+            return self._make_function(step)
+
+        due_fn, other_fn = traced_with(True), traced_with(False)
+
+        def train_function(iterator):
+            due = (int(self.objective.step.numpy()) + 1) % interval == 0
+            return (due_fn if due else other_fn)(iterator)
+
+        self.train_function = train_function
+        return train_function
+
     @property
     def metrics(self):
         return [self.loss_tracker, self.accuracy_tracker, self.val_accuracy, self.robust_accuracy]

@@ -89,6 +89,14 @@ class Objective(keras.layers.Layer):
     def before_attack(self, adv_model, x, y):
         """Runs at the start of each train step (LAS-AT: its policy update)."""
 
+    # An update that runs every `periodic_interval`-th train step (LAS-AT's policy step).
+    # `AdversarialModel.fit` compiles the due and the other steps as two functions and sets
+    # `periodic_due` (True/False) while tracing them, so the update needs no `tf.cond`
+    # (control flow around a cross-replica sum is not supported by tf.distribute).
+    # `periodic_due` None: the piece decides in-graph (single device only).
+    periodic_interval = None
+    periodic_due = None
+
     @property
     def decayed_variables(self):
         """Variables besides the classifier's that weight decay covers (LBGAT's teacher)."""

@@ -8,6 +8,8 @@ from again_tf import models
 from again_tf.attacks import losses
 from again_tf.attacks.pgd import PGD
 from again_tf.defenses.base import Objective, head_loss
+from again_tf.distribute import (mean_over_replicas, num_replicas, scale_for_replicas,
+                                 sum_over_replicas)
 from again_tf.models.base import Classifier, forward
 
 
@@ -70,8 +72,7 @@ class PolicyPGD(PGD):
         eps = tf.reshape(tf.cast(eps, tf.float32), per_example)
         alpha = tf.reshape(tf.cast(alpha, tf.float32), per_example)
         steps = tf.cast(steps, tf.int32)
-        noise = keras.random.uniform(tf.shape(x), -self.eps, self.eps, seed=self.seed_generator)
-        start = tf.clip_by_value(x + noise, 0.0, 1.0)
+        start = self.policy_start(x)
 
         def body(t, x_adv):
             grad, _ = self.input_gradient(x_adv, y, loss_fn)
@@ -82,6 +83,11 @@ class PolicyPGD(PGD):
         _, x_adv = tf.while_loop(lambda t, _: t < tf.reduce_max(steps), body,
                                  (tf.constant(0), start))
         return x_adv
+
+    def policy_start(self, x):
+        """The policy attack's random start: uniform in the ε-ball (the model's ε)."""
+        noise = keras.random.uniform(tf.shape(x), -self.eps, self.eps, seed=self.seed_generator)
+        return tf.clip_by_value(x + noise, 0.0, 1.0)
 
 
 @keras.saving.register_keras_serializable(package="again_tf")
@@ -155,7 +161,9 @@ class LASAT(Objective):
     f' is made in place on f's own variables and restored bit for bit (variables and
     BatchNorm statistics) afterwards; the reward's PGD runs f' in training mode, keeps
     moving only examples it still classifies correctly and stops once none is, as the
-    official `attack_pgd` does. The official search also has an "attack method" head
+    official `attack_pgd` does. Under tf.distribute every replica takes the same policy
+    step: R1, R2, R3, f's step and the policy gradient are the global batch's
+    (all-reduced), as on one device. The official search also has an "attack method" head
     with a single choice (IFGSM); its log-probability is always 0, so it is left out.
 
     Ranges are inclusive and, for ε and α, in units of ε/8 (the `AdversarialModel`'s ε),
@@ -277,11 +285,19 @@ class LASAT(Objective):
 
     # --- the strategy update (REINFORCE) ------------------------------------------------
 
+    @property
+    def periodic_interval(self):
+        return self.interval
+
     def before_attack(self, adv_model, x, y):
         """Every `interval`-th call, one REINFORCE step of the strategy network."""
         step = self.step.assign_add(1)
-        tf.cond(tf.equal(step % self.interval, 0),
-                lambda: self.update_strategy(adv_model, x, y), lambda: tf.constant(0.0))
+        if self.periodic_due is None:  # traced outside `fit`: decided in-graph
+            tf.cond(tf.equal(step % self.interval, 0),
+                    lambda: self.update_strategy(adv_model, x, y), lambda: tf.constant(0.0))
+        elif self.periodic_due:
+            with tf.control_dependencies([step]):
+                self.update_strategy(adv_model, x, y)
 
     def update_strategy(self, adv_model, x, y):
         """Samples actions for `(x, y)`, scores them, takes one policy-gradient step.
@@ -296,8 +312,10 @@ class LASAT(Objective):
                 -tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
                     labels=a, logits=tf.cast(l, tf.float32)))
                 for a, l in zip(actions, head_logits)])
+            log_prob = scale_for_replicas(log_prob)
         reward = tf.stop_gradient(self.reward(adv_model, x, y, actions))
-        grads = tape.gradient(log_prob, variables)
+        # every replica takes the same step: the global batch's gradient and reward
+        grads = sum_over_replicas(tape.gradient(log_prob, variables))
         pairs = [(-reward * g, v) for g, v in zip(grads, variables) if g is not None]
         clipped, _ = tf.clip_by_global_norm([g for g, _ in pairs], self.clip_norm)
         for g, (_, v) in zip(clipped, pairs):
@@ -311,7 +329,8 @@ class LASAT(Objective):
         eps_i, alpha_i, steps_i = self.policy_values(actions, attack.eps)
         x_policy = attack.perturb_policy(x, y, eps_i, alpha_i, steps_i)
         policy_logits = forward(model, x_policy, training=False)["logits"]
-        r1 = tf.clip_by_value(tf.reduce_mean(losses.cross_entropy(policy_logits, y)), 0.0, 10.0)
+        r1 = tf.clip_by_value(mean_over_replicas(tf.reduce_mean(
+            losses.cross_entropy(policy_logits, y))), 0.0, 10.0)
 
         variables = model.trainable_variables
         state = model.non_trainable_weights
@@ -319,17 +338,17 @@ class LASAT(Objective):
         with tf.control_dependencies(saved + [r1]):
             with tf.GradientTape() as tape:
                 logits = forward(model, x_policy, training=True)["logits"]
-                step_loss = tf.reduce_mean(self.target_loss(logits, y))
-            grads = tape.gradient(step_loss, variables)
+                step_loss = scale_for_replicas(tf.reduce_mean(self.target_loss(logits, y)))
+            grads = sum_over_replicas(tape.gradient(step_loss, variables))
             lr = tf.cast(adv_model.optimizer.learning_rate, tf.float32)
             updates = [v.assign_sub(lr * (g + adv_model.weight_decay * v))
                        for g, v in zip(grads, variables) if g is not None]
         with tf.control_dependencies(updates):
             x_pgd = self.reward_pgd(model, x, y, attack.eps)
-            robust = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(
-                forward(model, x_pgd, training=False)["logits"], -1), labels), tf.float32))
-            clean = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(
-                forward(model, x, training=False)["logits"], -1), labels), tf.float32))
+            robust = mean_over_replicas(tf.reduce_mean(tf.cast(tf.equal(tf.argmax(
+                forward(model, x_pgd, training=False)["logits"], -1), labels), tf.float32)))
+            clean = mean_over_replicas(tf.reduce_mean(tf.cast(tf.equal(tf.argmax(
+                forward(model, x, training=False)["logits"], -1), labels), tf.float32)))
         with tf.control_dependencies([robust, clean]):
             restored = [v.assign(s) for v, s in zip(variables + state, saved)]
         with tf.control_dependencies(restored):
@@ -349,8 +368,7 @@ class LASAT(Objective):
         best_loss = tf.zeros(tf.shape(x)[:1])
         best_delta = tf.zeros_like(x)
         for _ in range(self.reward_restarts):
-            noise = keras.random.uniform(tf.shape(x), -eps, eps, seed=self.seed_generator)
-            delta = tf.clip_by_value(x + noise, 0.0, 1.0) - x
+            delta = self.reward_start(x, eps) - x
 
             def body(i, delta, _):
                 with tf.GradientTape() as tape:
@@ -364,13 +382,24 @@ class LASAT(Objective):
                 delta = tf.where(tf.reshape(correct, per_example), moved, delta)
                 return i + 1, delta, tf.reduce_any(correct)
 
-            _, delta, _ = tf.while_loop(lambda i, _, go: (i < self.reward_steps) & go, body,
-                                        (tf.constant(0), delta, tf.constant(True)))
+            if num_replicas() > 1:
+                # Unrolled: a synchronized BatchNorm's cross-replica sum cannot sit in a
+                # while loop. Same result: once no example is correct, none moves.
+                for i in range(self.reward_steps):
+                    _, delta, _ = body(i, delta, True)
+            else:
+                _, delta, _ = tf.while_loop(lambda i, _, go: (i < self.reward_steps) & go,
+                                            body, (tf.constant(0), delta, tf.constant(True)))
             final = losses.cross_entropy(forward(model, x + delta, training=True)["logits"], y)
             take = final >= best_loss
             best_delta = tf.where(tf.reshape(take, per_example), delta, best_delta)
             best_loss = tf.maximum(best_loss, final)
         return x + best_delta
+
+    def reward_start(self, x, eps):
+        """A random start of the reward's PGD: uniform in the ε-ball, in [0, 1]."""
+        noise = keras.random.uniform(tf.shape(x), -eps, eps, seed=self.seed_generator)
+        return tf.clip_by_value(x + noise, 0.0, 1.0)
 
     def get_config(self):
         def joined(pair):
