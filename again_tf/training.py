@@ -49,7 +49,7 @@ class TrainConfig:
     "off", "float16" or "bfloat16" (`again_tf.precision`).
     """
 
-    defense: str = "pgd_at"
+    defense: str = "again_pgd"
     dataset: str = "fashion_mnist"
     data_dir: str = None
     model: str = "auto"

@@ -56,7 +56,7 @@ def define_common():
 
 def define_train():
     define_common()
-    flags.DEFINE_string("defense", "pgd_at", f"Defense: {', '.join(registry.names())}.")
+    flags.DEFINE_string("defense", "again_pgd", f"Defense: {', '.join(registry.names())}.")
     flags.DEFINE_string("defense_params", "", "Defense hyper-parameters as name=value pairs, "
                         "e.g. beta=6.")
     flags.DEFINE_string("memorization_scores", None, "Per-example memorization scores of the "

@@ -178,7 +178,7 @@ def test_cli_trains_end_to_end(tmp_path):
                   "--attack_steps=2", "--eval_steps=2", "--width=4", "--verbose=2",
                   f"--out_dir={tmp_path}/cli")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "pgd20" in out.stdout and "pgd_at" in out.stdout
+    assert "pgd20" in out.stdout and "again_pgd" in out.stdout  # the default defense
     again = run_cli("--epochs=1", f"--out_dir={tmp_path}/cli")
     assert again.returncode != 0 and "holds a run already" in again.stderr
 
