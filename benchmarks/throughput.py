@@ -9,7 +9,10 @@ step in plain training steps (`cost` = step time ÷ plain step time),
 the step's arithmetic in the same unit (`arith`: k input-gradient passes, each about one
 plain step, plus the passes the defense's loss needs; see ARITHMETIC) and their ratio
 `cost/arith`: ≤ 1.0 means the step costs no more than its arithmetic. For PGD-AT the
-ratio is AT_time / ((k+1)·plain_time). Also prints the process' peak resident memory.
+ratio is AT_time / ((k+1)·plain_time). The plain and defense steps are measured in turn,
+`--rounds` times, and the best of each kept: on a shared machine a load change between two
+back-to-back measurements otherwise shows up as a ratio. Also prints the process' peak
+resident memory.
 The time of evaluate.py's AutoAttack per 1,000 images: benchmarks/autoattack.py.
 """
 
@@ -32,6 +35,7 @@ flags.DEFINE_list("xla", ["false", "true"], "jit_compile settings to time.")
 flags.DEFINE_integer("steps", 10, "PGD steps k of the adversarial step.")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_integer("batches", 5, "Timed batches per measurement (after one warm-up epoch).")
+flags.DEFINE_integer("rounds", 3, "Measurements per step, interleaved; the best is kept.")
 flags.DEFINE_list("defenses", ["pgd_at"], "Defenses to time beside plain training "
                   "(registered names; e.g. pgd_at,trades,mart,awp,fat,lbgat).")
 FLAGS = flags.FLAGS
@@ -39,11 +43,12 @@ FLAGS = flags.FLAGS
 SHAPES = {"small_cnn": (28, 28, 1)}
 
 
-def images_per_second(name, defense, jit, steps):
-    """Images/s of `defense`'s train step: (time of 1 + b batches − time of 1 batch) / b.
+def timer(name, defense, jit, steps):
+    """A function returning one measurement of `defense`'s images/s on `name`.
 
-    The difference removes `fit`'s fixed cost per call (iterators, callbacks), which would
-    otherwise dominate a few small batches.
+    A measurement is b batches' images over (time of 1 + b batches − time of 1 batch):
+    the difference removes `fit`'s fixed cost per call (iterators, callbacks), which would
+    otherwise dominate a few small batches. Tracing and compilation happen here, before.
     """
     shape = SHAPES.get(name, (32, 32, 3))
     rng = np.random.default_rng(0)
@@ -62,7 +67,17 @@ def images_per_second(name, defense, jit, steps):
         adv.fit(x[:count], y[:count], batch_size=bs, verbose=0, shuffle=False)
         return time.perf_counter() - start
 
-    return bs * FLAGS.batches / max(seconds(n) - seconds(bs), 1e-9)
+    return lambda: bs * FLAGS.batches / max(seconds(n) - seconds(bs), 1e-9)
+
+
+def interleaved(timers, rounds):
+    """The best of `rounds` measurements per timer, taken in turn (plain, defense, plain,
+    ...), so that a change of the machine's load between them biases no ratio."""
+    best = {key: 0.0 for key in timers}
+    for _ in range(rounds):
+        for key, measure in timers.items():
+            best[key] = max(best[key], measure())
+    return best
 
 
 # A defense step in plain training steps (forward + backward of one batch), k = attack
@@ -84,9 +99,11 @@ def main(argv):
     for name in FLAGS.models:
         for xla in FLAGS.xla:
             jit = xla == "true"
-            plain = images_per_second(name, "none", jit, k)
+            timers = {d: timer(name, d, jit, k) for d in ["none"] + list(FLAGS.defenses)}
+            speeds = interleaved(timers, FLAGS.rounds)
+            plain = speeds["none"]
             for defense in FLAGS.defenses:
-                speed = images_per_second(name, defense, jit, k)
+                speed = speeds[defense]
                 cost = plain / speed
                 arith = ARITHMETIC[defense](k) if defense in ARITHMETIC else None
                 rows.append({"model": name, "xla": xla, "defense": defense,
@@ -95,7 +112,8 @@ def main(argv):
                              "arith": "-" if arith is None else f"{arith:.2f}",
                              "cost/arith": "-" if arith is None else f"{cost / arith:.2f}"})
                 print(rows[-1], flush=True)
-    print(f"\nbatch {FLAGS.batch_size}, PGD-{k}, {FLAGS.batches} timed batches, "
+    print(f"\nbatch {FLAGS.batch_size}, PGD-{k}, best of {FLAGS.rounds} interleaved rounds of "
+          f"{FLAGS.batches} timed batches, "
           f"{os.cpu_count()} CPU cores, peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB\n")
     print(format_table(rows, list(rows[0])))
