@@ -127,13 +127,19 @@ def main(argv):
     if FLAGS.from_runs and not FLAGS.out_dir:
         sys.exit("defenses.py: error: --from_runs needs --out_dir (the folder of the runs)")
     out_dir = FLAGS.out_dir or tempfile.mkdtemp(prefix="again_tf_defenses_")
-    rows = []
+    rows, failed = [], {}
     for defense in FLAGS.defenses:
-        if FLAGS.from_runs:
-            rows.append(summarize(defense, os.path.join(out_dir, defense)))
-            continue
-        print(f"training {defense} ...", flush=True)
-        rows.append(run(defense, out_dir))
+        try:  # one defense's bad input must not cost the others' runs
+            if FLAGS.from_runs:
+                rows.append(summarize(defense, os.path.join(out_dir, defense)))
+                continue
+            print(f"training {defense} ...", flush=True)
+            rows.append(run(defense, out_dir))
+        except (ValueError, OSError, FloatingPointError) as e:
+            failed[defense] = " ".join(str(e).split())
+            print(f"{defense} failed: {failed[defense]}", file=sys.stderr, flush=True)
+    if not rows:
+        sys.exit(f"defenses.py: error: every defense failed: {failed}")
     table = markdown(rows)
     print(f"\nFashion-MNIST, small_cnn, {FLAGS.epochs} epoch(s) on "
           f"{FLAGS.train_size or 60000} - {FLAGS.val_size} images, eps 0.1, accuracy on "
@@ -144,8 +150,12 @@ def main(argv):
         json.dump({"epochs": FLAGS.epochs, "train_size": FLAGS.train_size,
                    "val_size": FLAGS.val_size, "test_images": FLAGS.test_images,
                    "attack_steps": FLAGS.attack_steps, "width": FLAGS.width,
-                   "seed": FLAGS.seed, "runs": out_dir, "rows": rows}, f, indent=2)
+                   "seed": FLAGS.seed, "runs": out_dir, "rows": rows, "failed": failed}, f,
+                  indent=2)
     print(f"\nRows written to {FLAGS.json}; runs in {out_dir}")
+    if failed:
+        sys.exit(f"defenses.py: error: {len(failed)} defense(s) failed, left out of the "
+                 f"table: {', '.join(failed)} (messages above)")
 
 
 if __name__ == "__main__":

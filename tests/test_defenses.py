@@ -548,3 +548,20 @@ def test_defenses_beat_standard_training_on_fashion_mnist(fashion_train, fashion
     for defense in ("pgd_at", "trades", "mart"):
         assert robust[defense] > robust["none"] + 0.15, (robust, clean)
         assert clean[defense] > 0.5, (robust, clean)
+
+
+def test_benchmark_script_keeps_the_table_when_a_defense_fails(tmp_path):
+    """benchmarks/defenses.py: a failing defense is reported and left out, not fatal."""
+    script = [sys.executable, os.path.join("benchmarks", "defenses.py"), "--epochs=1",
+              "--train_size=256", "--val_size=64", "--test_images=32", "--attack_steps=1",
+              "--width=4", f"--out_dir={tmp_path / 'runs'}", f"--json={tmp_path / 't.json'}"]
+    trained = subprocess.run(script + ["--defenses=none"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    rebuilt = subprocess.run(script + ["--defenses=none,pgd_at", "--from_runs"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=600)
+    assert rebuilt.returncode != 0
+    assert "pgd_at failed" in rebuilt.stderr and "1 defense(s) failed" in rebuilt.stderr
+    table = json.loads((tmp_path / "t.json").read_text())
+    assert [r["defense"] for r in table["rows"]] == ["none"] and "pgd_at" in table["failed"]
+    assert "| none |" in rebuilt.stdout
