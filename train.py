@@ -1,7 +1,8 @@
 """Adversarially trains a classifier: `python train.py --defense=pgd_at --dataset=fashion_mnist`.
 
-With no flags it trains the small CNN on Fashion-MNIST with PGD-AT on a CPU in a few
-minutes and prints clean and PGD-20 accuracy on 1,000 held-out test images. Recipes:
+With no flags it trains the small CNN on Fashion-MNIST with AGAIN on PGD-AT (`again_pgd`)
+on a CPU (about 20 minutes on 2 cores) and prints clean and adaptive PGD-20 accuracy on
+1,000 held-out test images. Recipes:
 `python train.py --flagfile=flags/cifar10_resnet18_pgd_at.cfg`. `--helpfull` lists flags.
 """
 

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import keras
 import numpy as np
@@ -208,3 +209,31 @@ def test_ctrl_c_saves_and_resume_finishes(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     history = json.load(open(out / "metrics.json"))
     assert [h["epoch"] for h in history] == list(range(1, state["epoch"] + 2))
+
+
+def test_every_recipe_flagfile_parses_and_validates():
+    """flags/*.cfg: known flags, valid values and defense parameters (what train.py checks
+    before it writes anything). BAT's recipes may only miss their scores file."""
+    code = textwrap.dedent("""
+        import glob, sys
+        import train
+        from absl import flags
+        from again_tf import training
+        checked = 0
+        for path in sorted(glob.glob("flags/*.cfg")):
+            flags.FLAGS.unparse_flags()
+            flags.FLAGS(["train.py", f"--flagfile={path}"])
+            cfg = train.config_from_flags()
+            try:
+                training.validate(cfg)
+            except ValueError as e:
+                if not ("memorization_scores=" in str(e) and "does not exist" in str(e)):
+                    sys.exit(f"{path}: {e}")
+            checked += 1
+        print("checked", checked)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    count = len([n for n in os.listdir(os.path.join(ROOT, "flags")) if n.endswith(".cfg")])
+    assert proc.stdout.split()[-1] == str(count) and count >= 30
