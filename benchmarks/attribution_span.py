@@ -27,6 +27,8 @@ sys.path.insert(0, ROOT)
 
 from absl import app, flags  # noqa: E402
 
+from script_cli import ScriptError, run_or_exit  # noqa: E402
+
 flags.DEFINE_string("models", None, "Comma-separated .keras files or train.py run folders.")
 flags.DEFINE_string("dataset", "fashion_mnist", "Dataset of the test images.")
 flags.DEFINE_string("data_dir", None, "Folder with the dataset's files (see train.py).")
@@ -42,21 +44,17 @@ METHODS = ("grad", "ig")
 SHARES = (0.5, 0.9)
 
 
-class AttributionSpanError(Exception):
-    """Bad input; the message says what in one line."""
-
-
 def resolve(path):
     """(display name, model file) for one entry of --models."""
     if os.path.isdir(path):
         model_file = os.path.join(path, "model.keras")
         if not os.path.isfile(model_file):
-            raise AttributionSpanError(f"--models entry {path} is a folder without model.keras "
+            raise ScriptError(f"--models entry {path} is a folder without model.keras "
                                        f"(expected a train.py run folder)")
     elif os.path.isfile(path) and path.endswith(".keras"):
         model_file = path
     else:
-        raise AttributionSpanError(f"--models entry {path!r} is not a .keras file or a run "
+        raise ScriptError(f"--models entry {path!r} is not a .keras file or a run "
                                    f"folder")
     stem = os.path.splitext(os.path.basename(model_file))[0]
     folder = os.path.basename(os.path.dirname(os.path.abspath(model_file)))
@@ -121,15 +119,15 @@ def run():
     from again_tf.analysis import attribution
 
     if not FLAGS.models:
-        raise AttributionSpanError("--models is required: comma-separated .keras files or "
+        raise ScriptError("--models is required: comma-separated .keras files or "
                                    "run folders")
     methods = [m.strip() for m in FLAGS.method.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
-        raise AttributionSpanError(f"--method={FLAGS.method}; expected a comma-separated "
+        raise ScriptError(f"--method={FLAGS.method}; expected a comma-separated "
                                    f"subset of {', '.join(METHODS)}")
     if FLAGS.num_images < 1:
-        raise AttributionSpanError(f"--num_images={FLAGS.num_images}; expected >= 1")
+        raise ScriptError(f"--num_images={FLAGS.num_images}; expected >= 1")
     entries = [resolve(p.strip()) for p in FLAGS.models.split(",") if p.strip()]
     names = [n for n, _ in entries]
     if len(set(names)) != len(names):  # two run folders of the same name: use the paths
@@ -143,7 +141,7 @@ def run():
         try:
             model = keras.saving.load_model(model_file, compile=False)
         except Exception as e:
-            raise AttributionSpanError(
+            raise ScriptError(
                 f"--models entry {model_file}: cannot load the model "
                 f"({type(e).__name__}: {' '.join(str(e).split())[:300]})")
         maps[name], spans[name] = {}, {}
@@ -178,11 +176,7 @@ def run():
 
 def main(argv):
     del argv
-    try:
-        run()
-    except (AttributionSpanError, ValueError, FileNotFoundError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
+    run_or_exit(run)
 
 
 if __name__ == "__main__":

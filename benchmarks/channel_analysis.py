@@ -30,6 +30,8 @@ sys.path.insert(0, ROOT)
 
 from absl import app, flags  # noqa: E402
 
+from script_cli import ScriptError, run_or_exit  # noqa: E402
+
 flags.DEFINE_string("model_path", None, "A .keras file or a train.py run folder.")
 flags.DEFINE_string("dataset", None, "Dataset (default: the run folder's run.json, else "
                     "fashion_mnist).")
@@ -50,23 +52,19 @@ flags.DEFINE_string("out", None, "Output folder (default: <model folder>/channel
 FLAGS = flags.FLAGS
 
 
-class ChannelAnalysisError(Exception):
-    """Bad input; the message says what in one line."""
-
-
 def resolve(path):
     """(model file, run.json dict) for --model_path."""
     if not path:
-        raise ChannelAnalysisError("--model_path is required: a .keras file or a run folder")
+        raise ScriptError("--model_path is required: a .keras file or a run folder")
     if os.path.isdir(path):
         model_file = os.path.join(path, "model.keras")
         if not os.path.isfile(model_file):
-            raise ChannelAnalysisError(f"--model_path={path} is a folder without model.keras "
+            raise ScriptError(f"--model_path={path} is a folder without model.keras "
                                        f"(expected a train.py run folder)")
     elif os.path.isfile(path) and path.endswith(".keras"):
         model_file = path
     else:
-        raise ChannelAnalysisError(f"--model_path={path} is not a .keras file or a run folder")
+        raise ScriptError(f"--model_path={path} is not a .keras file or a run folder")
     run_json = os.path.join(os.path.dirname(os.path.abspath(model_file)), "run.json")
     run = {}
     if os.path.isfile(run_json):
@@ -129,17 +127,17 @@ def run():
     try:
         model = keras.saving.load_model(model_file, compile=False)
     except Exception as e:
-        raise ChannelAnalysisError(f"--model_path={model_file}: cannot load the model "
+        raise ScriptError(f"--model_path={model_file}: cannot load the model "
                                    f"({type(e).__name__}: {' '.join(str(e).split())[:300]})")
     if not isinstance(model, Classifier):
-        raise ChannelAnalysisError(f"--model_path={model_file} holds a {type(model).__name__}; "
+        raise ScriptError(f"--model_path={model_file} holds a {type(model).__name__}; "
                                    f"expected an again_tf.models.Classifier")
     if FLAGS.point not in model.points:
-        raise ChannelAnalysisError(f"--point={FLAGS.point} is not a point of "
+        raise ScriptError(f"--point={FLAGS.point} is not a point of "
                                    f"{type(model).__name__}; expected one of "
                                    f"{', '.join(model.points)}")
     if FLAGS.num_images < 1:
-        raise ChannelAnalysisError(f"--num_images={FLAGS.num_images}; expected >= 1")
+        raise ScriptError(f"--num_images={FLAGS.num_images}; expected >= 1")
     eps = definitions.fraction(FLAGS.eps, "eps") or run_info.get("eps") or info.eps
     step_size = (definitions.fraction(FLAGS.step_size, "step_size")
                  or info.step_size * eps / info.eps)
@@ -155,7 +153,7 @@ def run():
     num_channels = nat_acts.shape[1]
     top_k = FLAGS.top_k or channels.default_top_k(num_channels)
     if not 1 <= top_k <= num_channels:
-        raise ChannelAnalysisError(f"--top_k={FLAGS.top_k}; expected 0 or 1..{num_channels}")
+        raise ScriptError(f"--top_k={FLAGS.top_k}; expected 0 or 1..{num_channels}")
     freq_nat = channels.channel_frequency(nat_acts, y, info.num_classes, top_k)
     freq_adv = channels.channel_frequency(adv_acts, y, info.num_classes, top_k)
 
@@ -210,11 +208,7 @@ def run():
 
 def main(argv):
     del argv
-    try:
-        run()
-    except (ChannelAnalysisError, ValueError, FileNotFoundError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
+    run_or_exit(run)
 
 
 if __name__ == "__main__":
