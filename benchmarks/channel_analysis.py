@@ -13,7 +13,10 @@ Writes to `--out` (default: `<model folder>/channels`):
 - channels_magnitude.png: mean magnitude per channel, natural vs adversarial, channels
   sorted by natural magnitude (Bai et al., ICLR 2021, Fig. 1; Yan et al., ICML 2021);
 - channels_frequency.png: per class, how often each channel is among the top-k
-  activated, natural and adversarial (same channel order);
+  activated (`--frequency=top_k`, our rule) or active above 1% of the example's largest
+  activation (`--frequency=active`, the rule of CAS's official
+  ActivationAnalysis/freq_dis_resnet18_base.py), natural and adversarial (same channel
+  order);
 - channels.json: the numbers behind both figures and the summary.
 
 Prints clean and PGD accuracy, the total magnitude and how many channels hold 90% of the
@@ -43,8 +46,14 @@ flags.DEFINE_string("step_size", None, "PGD step size (default: the dataset's, s
                     "eps / the dataset's eps).")
 flags.DEFINE_integer("steps", 10, "PGD steps.")
 flags.DEFINE_string("point", "penultimate", "Insertion point measured (see model.points).")
-flags.DEFINE_integer("top_k", 0, "Channels counted per example in the frequency maps "
+flags.DEFINE_enum("frequency", "top_k", ["top_k", "active"], "Frequency maps: top_k "
+                  "(a channel counts when among the --top_k largest of the example; our "
+                  "rule) or active (when above --active_threshold times the example's "
+                  "largest activation; the official CAS script's rule).")
+flags.DEFINE_integer("top_k", 0, "Channels counted per example with --frequency=top_k "
                      "(0: a quarter of the channels).")
+flags.DEFINE_float("active_threshold", 0.01, "Fraction of the example's largest activation "
+                   "above which a channel is active with --frequency=active (CAS: 0.01).")
 flags.DEFINE_float("share", 0.9, "Share of the total magnitude for the channel count.")
 flags.DEFINE_integer("batch_size", 250, "Images per batch.")
 flags.DEFINE_integer("seed", 0, "Seed of PGD's random start.")
@@ -73,7 +82,7 @@ def resolve(path):
     return model_file, run
 
 
-def plot(result, freq_nat, freq_adv, class_names, out, title):
+def plot(result, freq_nat, freq_adv, class_names, out, title, freq_label="top-k"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,7 +109,7 @@ def plot(result, freq_nat, freq_adv, class_names, out, title):
     for ax, freq, name in zip(axes, (freq_nat, freq_adv), ("natural", "adversarial")):
         im = ax.imshow(freq[:, order], aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
                        interpolation="nearest")
-        ax.set_title(f"{name}: top-k frequency")
+        ax.set_title(f"{name}: {freq_label} frequency")
     fig.supxlabel("channel (sorted by natural magnitude)")
     axes[0].set_yticks(range(len(class_names)))
     axes[0].set_yticklabels(class_names, fontsize=7)
@@ -154,8 +163,17 @@ def run():
     top_k = FLAGS.top_k or channels.default_top_k(num_channels)
     if not 1 <= top_k <= num_channels:
         raise ScriptError(f"--top_k={FLAGS.top_k}; expected 0 or 1..{num_channels}")
-    freq_nat = channels.channel_frequency(nat_acts, y, info.num_classes, top_k)
-    freq_adv = channels.channel_frequency(adv_acts, y, info.num_classes, top_k)
+    if not 0.0 <= FLAGS.active_threshold < 1.0:
+        raise ScriptError(f"--active_threshold={FLAGS.active_threshold}; expected [0, 1)")
+    if FLAGS.frequency == "active":
+        freq_label = f"active > {FLAGS.active_threshold:g} max"
+        freq_nat, freq_adv = (channels.active_frequency(a, y, info.num_classes,
+                                                        FLAGS.active_threshold)
+                              for a in (nat_acts, adv_acts))
+    else:
+        freq_label = f"top-{top_k}"
+        freq_nat, freq_adv = (channels.channel_frequency(a, y, info.num_classes, top_k)
+                              for a in (nat_acts, adv_acts))
 
     def accuracy(images):
         logits = np.concatenate([np.asarray(model(images[i:i + FLAGS.batch_size]))
@@ -165,7 +183,8 @@ def run():
     summary = {
         "model_path": model_file, "dataset": dataset, "point": FLAGS.point,
         "num_images": int(len(y)), "eps": float(eps), "step_size": float(step_size),
-        "steps": FLAGS.steps, "channels": int(num_channels), "top_k": int(top_k),
+        "steps": FLAGS.steps, "channels": int(num_channels), "frequency": FLAGS.frequency,
+        "top_k": int(top_k), "active_threshold": FLAGS.active_threshold,
         "share": FLAGS.share,
         "clean_accuracy": accuracy(x), "pgd_accuracy": accuracy(result["x_adv"]),
         "natural_total": float(result["natural"].sum()),
@@ -181,7 +200,7 @@ def run():
     os.makedirs(out, exist_ok=True)
     title = (f"{os.path.basename(os.path.dirname(os.path.abspath(model_file)))} "
              f"({FLAGS.point}, PGD-{FLAGS.steps} eps={eps:g})")
-    pngs = plot(result, freq_nat, freq_adv, info.class_names, out, title)
+    pngs = plot(result, freq_nat, freq_adv, info.class_names, out, title, freq_label)
     with open(os.path.join(out, "channels.json"), "w") as f:
         json.dump({**summary, "order": result["order"].tolist(),
                    "natural": result["natural"].tolist(),
@@ -200,7 +219,7 @@ def run():
     print(f"  channels holding {pct}% of the magnitude: natural "
           f"{summary['natural_channels_for_share']}/{num_channels}, adversarial "
           f"{summary['adversarial_channels_for_share']}/{num_channels}")
-    print(f"  top-{top_k} frequency shift (mean |F_adv - F_nat|): "
+    print(f"  {freq_label} frequency shift (mean |F_adv - F_nat|): "
           f"{summary['frequency_shift']:.3f}")
     print(f"  wrote {pngs[0]}, {pngs[1]}, {os.path.join(out, 'channels.json')}")
     return summary

@@ -11,6 +11,7 @@ that class rarely use. This module measures both:
     acts = channels.channel_activations(model, x)                      # (N, C)
     result = channels.natural_vs_adversarial(model, x, y, attacks.PGD(model, eps=0.1))
     freq = channels.channel_frequency(acts, y, num_classes=10, top_k=8)  # (10, C)
+    active = channels.active_frequency(acts, y, num_classes=10)  # the CAS script's rule
     channels.channels_for_share(result["natural"], 0.9)  # channels holding 90% of it
 
 `benchmarks/channel_analysis.py` runs them on a saved model and draws the figures.
@@ -116,7 +117,10 @@ def natural_vs_adversarial(model, x, y, attack, point=PENULTIMATE,
     The first figure of CAS (Bai et al., ICLR 2021, Fig. 1) and of CIFS (Yan et al.,
     ICML 2021, Fig. 1): m_nat[c] = mean_n a(x_n)[c] and m_adv[c] = mean_n a(x'_n)[c],
     with a = `channel_activations` and x' = attack(x, y), both listed in the order of
-    decreasing m_nat (ties: lower channel index first).
+    decreasing m_nat (ties: lower channel index first). (CAS's official script divides a
+    channel's summed activation by the number of examples where it is active, see
+    `active_frequency`, and sorts the natural and adversarial bars each by itself; here
+    both are means over all examples in one channel order.)
 
     Args:
         model: an `again_tf.models.Classifier`.
@@ -157,13 +161,77 @@ def default_top_k(num_channels):
     return max(1, int(num_channels) // 4)
 
 
+def _check_acts_labels(acts, y, num_classes):
+    """(acts as float64 (N, C), labels as int64 (N,), num_classes) or a one-line error."""
+    acts = np.asarray(acts, np.float64)
+    y = np.asarray(y).astype(np.int64).reshape(-1)
+    if acts.ndim != 2:
+        raise ValueError(f"Expected `acts` of shape (N, C). Received: shape {acts.shape}")
+    if len(y) != len(acts):
+        raise ValueError(f"Expected one label per row of `acts`. Received: {len(acts)} rows, "
+                         f"{len(y)} labels")
+    num_classes = int(num_classes)
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"Expected labels in [0, {num_classes}). Received: labels in "
+                         f"[{y.min()}, {y.max()}]")
+    return acts, y, num_classes
+
+
+def _per_class_fraction(selected, y, num_classes):
+    """Row k: the mean of `selected` (N, C) over the examples of class k (zeros if none)."""
+    counts = np.zeros((num_classes, selected.shape[1]))
+    np.add.at(counts, y, selected)
+    per_class = np.bincount(y, minlength=num_classes).astype(np.float64)
+    return counts / np.maximum(per_class, 1.0)[:, None]
+
+
+def active_frequency(acts, y, num_classes, threshold=0.01):
+    """Per class, the fraction of its examples in which channel c is active (the CAS code).
+
+    The rule of CAS's official `ActivationAnalysis/freq_dis_resnet18_base.py` (Bai et al.,
+    ICLR 2021, Fig. 2; github.com/bymavis/CAS_ICLR2021): channel c is active in example n
+    when its spatially averaged activation exceeds `threshold` times the example's largest
+    one, a_n[c] > threshold · max_c′ a_n[c′] (strictly; 1e-2 there), and
+
+        F[k, c] = |{n : y_n = k, c active in n}| / |{n : y_n = k}|.
+
+    The official script counts (it plots the counts of class 0's test images); dividing
+    by the class size gives the same bars on a [0, 1] scale. It averages the raw
+    post-ReLU map; `channel_activations` averages |f|, the same on a non-negative map.
+    An example whose largest activation is ≤ 0 has no active channel; a class with no
+    example gets a row of zeros.
+
+    Args:
+        acts: channel magnitudes `(N, C)` (`channel_activations`).
+        y: labels `(N,)` in [0, num_classes).
+        num_classes: number of rows.
+        threshold: the fraction of the example's largest activation, in [0, 1). Default
+            0.01 (official).
+
+    Returns: float NumPy array `(num_classes, C)` in [0, 1].
+
+    Example:
+        freq = active_frequency(acts, y, 10)   # freq[3, c]: share of class 3 with c on
+    """
+    acts, y, num_classes = _check_acts_labels(acts, y, num_classes)
+    if not 0.0 <= float(threshold) < 1.0:
+        raise ValueError(f"Expected `threshold` in [0, 1). Received: threshold={threshold}")
+    largest = acts.max(axis=1, keepdims=True) if acts.shape[1] else np.zeros((len(acts), 1))
+    selected = (acts > float(threshold) * largest) & (largest > 0)
+    return _per_class_fraction(selected.astype(np.float64), y, num_classes)
+
+
 def channel_frequency(acts, y, num_classes, top_k=None):
     """Per class, the fraction of its examples whose top-k activated channels include c.
 
     The per-class channel-importance frequency of CAS (Bai et al., ICLR 2021, Fig. 2) and
-    CIFS (Yan et al., ICML 2021): F[k, c] = |{n : y_n = k, c ∈ topk(a_n)}| / |{n : y_n = k}|,
-    where topk(a_n) are the `top_k` channels of largest a_n[c] (ties: lower channel index
-    first). Each row sums to `top_k`; a class with no example gets a row of zeros.
+    CIFS (Yan et al., ICML 2021), with a top-k rule of this library's choosing:
+    F[k, c] = |{n : y_n = k, c ∈ topk(a_n)}| / |{n : y_n = k}|, where topk(a_n) are the
+    `top_k` channels of largest a_n[c] (ties: lower channel index first). Each row sums
+    to `top_k`; a class with no example gets a row of zeros. CAS's official script counts
+    a channel when it is above 1 % of the example's largest activation instead
+    (`active_frequency`); top-k keeps the number of counted channels fixed, so the maps
+    of differently wide models and of natural and adversarial inputs compare directly.
 
     Args:
         acts: channel magnitudes `(N, C)` (`channel_activations`).
@@ -177,17 +245,7 @@ def channel_frequency(acts, y, num_classes, top_k=None):
     Example:
         freq = channel_frequency(acts, y, 10, top_k=16)   # freq[3, c]: class 3 uses c
     """
-    acts = np.asarray(acts, np.float64)
-    y = np.asarray(y).astype(np.int64).reshape(-1)
-    if acts.ndim != 2:
-        raise ValueError(f"Expected `acts` of shape (N, C). Received: shape {acts.shape}")
-    if len(y) != len(acts):
-        raise ValueError(f"Expected one label per row of `acts`. Received: {len(acts)} rows, "
-                         f"{len(y)} labels")
-    num_classes = int(num_classes)
-    if len(y) and (y.min() < 0 or y.max() >= num_classes):
-        raise ValueError(f"Expected labels in [0, {num_classes}). Received: labels in "
-                         f"[{y.min()}, {y.max()}]")
+    acts, y, num_classes = _check_acts_labels(acts, y, num_classes)
     channels = acts.shape[1]
     k = default_top_k(channels) if top_k is None else int(top_k)
     if not 1 <= k <= channels:
@@ -196,10 +254,7 @@ def channel_frequency(acts, y, num_classes, top_k=None):
     top = np.argsort(-acts, axis=1, kind="stable")[:, :k]
     selected = np.zeros(acts.shape, np.float64)
     np.put_along_axis(selected, top, 1.0, axis=1)
-    counts = np.zeros((num_classes, channels))
-    np.add.at(counts, y, selected)
-    per_class = np.bincount(y, minlength=num_classes).astype(np.float64)
-    return counts / np.maximum(per_class, 1.0)[:, None]
+    return _per_class_fraction(selected, y, num_classes)
 
 
 def channels_for_share(magnitudes, share=0.9):

@@ -79,12 +79,17 @@ def on_robust_subset(robust, adv, run):
 
     def attack():
         adv_sub, fooled = run(idx)
-        hit = tf.boolean_mask(idx, fooled)[:, None]
-        new_adv = tf.tensor_scatter_nd_update(adv, hit, tf.boolean_mask(adv_sub, fooled))
-        new_robust = tf.tensor_scatter_nd_update(robust, hit, tf.zeros(tf.shape(hit)[:1], tf.bool))
-        return new_robust, new_adv
+        return merge_fooled(robust, adv, idx, adv_sub, fooled)
 
     return tf.cond(tf.size(idx) > 0, attack, lambda: (robust, adv))
+
+
+def merge_fooled(robust, adv, idx, adv_sub, fooled):
+    """Writes the fooled points of the subset `idx` back: their `adv_sub`, robust False."""
+    hit = tf.boolean_mask(idx, fooled)[:, None]
+    new_adv = tf.tensor_scatter_nd_update(adv, hit, tf.boolean_mask(adv_sub, fooled))
+    new_robust = tf.tensor_scatter_nd_update(robust, hit, tf.zeros(tf.shape(hit)[:1], tf.bool))
+    return new_robust, new_adv
 
 
 class SubsetAttack(Attack):
@@ -147,9 +152,18 @@ class APGD(SubsetAttack):
         eot_iter: gradients averaged over this many forward passes (Expectation over
             Transformation, for randomized defenses). Default 1; AutoAttack "rand": 20.
 
+    Zero-gradient check (official `checks.check_zero_gradients`, run by the official code
+    for the DLR losses only): with loss "dlr" or the targeted DLR of APGD-T, every run
+    looks at the gradient at its random start, and a point where Σ|∇| = 0 in at least
+    one run is counted once in the variable `zero_gradient_points` (it accumulates over
+    calls; `AutoAttack` resets it per component and turns it into a warning). Such points
+    give the gradient steps nothing to follow, so their robustness may be overstated.
+
     Example:
         x_adv = APGD(model, eps=8/255, loss="ce")(x, y)
     """
+
+    ZERO_GRADIENT_LOSSES = ("dlr", "dlr-targeted")
 
     name = "apgd-ce"
 
@@ -170,6 +184,13 @@ class APGD(SubsetAttack):
         self.n_iter_2 = max(int(0.22 * self.n_iter), 1)
         self.n_iter_min = max(int(0.06 * self.n_iter), 1)
         self.size_decr = max(int(0.03 * self.n_iter), 1)
+        self.zero_gradient_points = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                                name="zero_gradient_points")
+
+    @property
+    def checks_zero_gradients(self):
+        """True for the losses the official code checks for zero gradients (DLR, APGD-T)."""
+        return self.loss_name in self.ZERO_GRADIENT_LOSSES
 
     # The loss of one example set; APGD-T overrides it with the targeted DLR loss.
     def objective(self, logits, y, target):
@@ -228,10 +249,13 @@ class APGD(SubsetAttack):
                             self.norm)
 
     def single_run(self, x, y, target, loss_fn, seed):
-        """One restart on `(x, y)`; returns (adversarial-or-start points, still correct)."""
+        """One restart on `(x, y)`; returns (adversarial-or-start points, still correct,
+        zero gradient at the random start)."""
         n = self.n_iter
         x_adv = self.start(x, seed)
         logits, loss, grad = self.loss_and_grad(x_adv, y, target, loss_fn)
+        zero_grad = tf.equal(tf.reduce_sum(tf.abs(tf.reshape(grad, [tf.shape(grad)[0], -1])),
+                                           1), 0.0)
         acc = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y)
         step_size = tf.fill(tf.shape(y), 2.0 * self.eps)
         batch = tf.shape(y)[0]
@@ -282,7 +306,7 @@ class APGD(SubsetAttack):
                          loss_best_last=loss_best_last, reduced_last=reduced_last)]
 
         (state,) = tf.while_loop(lambda s: s["i"] < n, body, [state])
-        return state["x_best_adv"], state["acc"]
+        return state["x_best_adv"], state["acc"], zero_grad
 
     def jobs(self, num_classes):
         """Number of (restart, target) runs; each runs on the points still robust."""
@@ -301,18 +325,32 @@ class APGD(SubsetAttack):
         logits = self.logits(x)
         robust = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y)
 
-        def body(job, robust, adv):
-            def run(idx):
+        def body(job, robust, adv, zero):
+            idx = tf.cast(tf.where(robust)[:, 0], tf.int32)  # only the points still robust
+
+            def attack():
                 xs, ys = tf.gather(x, idx), tf.gather(y, idx)
                 target = self.job_target(job, xs)
-                adv_sub, acc_sub = self.single_run(xs, ys, target, loss_fn, fold(seed, job))
-                return adv_sub, tf.logical_not(acc_sub)
+                adv_sub, acc_sub, zero_sub = self.single_run(xs, ys, target, loss_fn,
+                                                             fold(seed, job))
+                new_robust, new_adv = merge_fooled(robust, adv, idx, adv_sub,
+                                                   tf.logical_not(acc_sub))
+                new_zero = tf.tensor_scatter_nd_update(
+                    zero, idx[:, None], tf.logical_or(tf.gather(zero, idx), zero_sub))
+                return new_robust, new_adv, new_zero
 
-            robust, adv = on_robust_subset(robust, adv, run)
-            return job + 1, robust, adv
+            robust, adv, zero = tf.cond(tf.size(idx) > 0, attack,
+                                        lambda: (robust, adv, zero))
+            return job + 1, robust, adv, zero
 
-        _, _, adv = tf.while_loop(lambda j, *_: j < self.jobs(logits.shape[-1]), body,
-                                  (tf.constant(0), robust, x))
+        _, _, adv, zero = tf.while_loop(
+            lambda j, *_: j < self.jobs(logits.shape[-1]), body,
+            (tf.constant(0), robust, x, tf.zeros_like(robust)))
+        if self.checks_zero_gradients:
+            counted = self.zero_gradient_points.assign_add(
+                tf.reduce_sum(tf.cast(zero, tf.int64)))
+            with tf.control_dependencies([counted]):
+                adv = tf.identity(adv)
         return adv
 
     def __repr__(self):

@@ -53,6 +53,18 @@ def build_component(name, model, eps, norm="linf", version="standard", n_iter=10
                      f"{', '.join(COMPONENTS)}")
 
 
+def zero_gradient_warning(component, points, attacked):
+    """The official zero-gradient warning (`checks.check_zero_gradients`), once per component.
+
+    The official code warns once per run (each restart and target class) with that run's
+    count; here a point is counted once however many of the component's runs saw it.
+    """
+    return (f"{component.upper()}: {points} of the {attacked} points it attacked "
+            f"({points / max(attacked, 1):.1%}) have a zero gradient at the start of a run: "
+            f"gradient-based attacks get no direction there, so the evaluation may be "
+            f"unreliable for them (official check_zero_gradients)")
+
+
 class AutoAttack:
     """The AutoAttack cascade: robust accuracy after each attack and point-wise overall.
 
@@ -145,7 +157,10 @@ class AutoAttack:
         example); "x_adv" (adversarial examples, the clean input where none was found);
         "predictions" (the model's labels on x_adv); "fooled_by" (per example, the name
         of the component that fooled it, "" if none, "clean" if misclassified clean);
-        "seconds" ({component: seconds}); "max_perturbation"; "warnings".
+        "seconds" ({component: seconds}); "max_perturbation"; "zero_gradients"
+        ({component: points with a zero gradient at the start of one of its runs}, for the
+        components the official code checks: APGD-DLR and APGD-T; see `APGD`); "warnings"
+        (the official checks' messages, including one per component with zero gradients).
         """
         x = np.asarray(x, np.float32)
         y = np.asarray(y).astype(np.int32)
@@ -162,10 +177,14 @@ class AutoAttack:
         if verbose:
             print(f"AutoAttack ({self.version}, {self.norm}, eps={self.eps:.4g}): "
                   f"{', '.join(self.attacks)}; clean accuracy {result['clean_accuracy']:.2%}")
+        result["zero_gradients"] = {}
         for name in self.attacks:
             attack = self.components[name]
             idx = np.flatnonzero(robust)
             start = time.time()
+            checks_zero = getattr(attack, "checks_zero_gradients", False)
+            if checks_zero:
+                attack.zero_gradient_points.assign(0)
             bar = keras.utils.Progbar(len(idx), unit_name="image") if verbose and len(idx) else None
             for i in range(0, len(idx), batch_size):
                 b = idx[i:i + batch_size]
@@ -180,6 +199,11 @@ class AutoAttack:
                     bar.add(len(b), values=[("robust", float(robust.mean()))])
             result["accuracy_after"][name] = float(robust.mean()) if n else 0.0
             result["seconds"][name] = time.time() - start
+            if checks_zero:
+                zero = int(attack.zero_gradient_points.numpy())
+                result["zero_gradients"][name] = zero
+                if zero:
+                    result["warnings"].append(zero_gradient_warning(name, zero, len(idx)))
             if verbose:
                 print(f"robust accuracy after {name.upper()}: "
                       f"{result['accuracy_after'][name]:.2%} ({result['seconds'][name]:.1f} s)")

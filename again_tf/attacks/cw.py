@@ -41,7 +41,10 @@ class CWL2(SubsetAttack):
             `cwl2` evaluation uses 1000).
         learning_rate: Default 1e-2 (official).
         abort_early: stop a search step when the loss has not decreased by 0.01 %
-            over a tenth of the iterations. Default True (official).
+            over a tenth of the iterations. Default True (official). The first check
+            compares with +∞ (the official `prev = np.inf`, since carlini/nn_robust_attacks
+            e87e2d2; the older `prev = 1e6` aborted at once any batch whose summed loss
+            started above 10⁶, e.g. with a large `initial_const`).
         seed, training: see `Attack` (the attack itself is deterministic).
 
     Example:
@@ -114,7 +117,7 @@ class CWL2(SubsetAttack):
         zeros = tf.zeros_like(x0)
         out = tf.while_loop(
             lambda i, *s: tf.logical_and(i < self.max_iterations, tf.logical_not(s[4])), body,
-            (tf.constant(0), zeros, zeros, zeros, tf.constant(1e6), tf.constant(False),
+            (tf.constant(0), zeros, zeros, zeros, tf.constant(float("inf")), tf.constant(False),
              tf.fill([batch], _NONE), x0))
         return out[-2], out[-1]
 

@@ -9,12 +9,26 @@ import math
 import tensorflow as tf
 
 from again_tf.attacks import losses
-from again_tf.attacks.apgd import (SubsetAttack, batch_norm, draw_seed, fold, normalize,
+from again_tf.attacks.apgd import (SubsetAttack, batch_norm, draw_seed, normalize,
                                    on_robust_subset, per_example)
 
 # Iterations after which p (the fraction of pixels changed per query) is halved; the
 # official `p_selection` without rescaling, as AutoAttack runs it.
 P_SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+
+
+def fold(seed, *values):
+    """A new stateless seed from `seed` and integers (restart, query index, salt), in order.
+
+    Each value is hashed in with `tf.random.experimental.stateless_fold_in`, so different
+    paths give unrelated seeds. (`apgd.fold` adds the values, which is commutative and
+    linear: with it, query i's column seed equalled query i+1's row seed, and restart
+    r+1's query i equalled restart r's query i+1.)
+    """
+    out = tf.cast(seed, tf.int32)
+    for v in values:
+        out = tf.random.experimental.stateless_fold_in(out, tf.cast(v, tf.int32))
+    return out
 
 
 def _eta_rectangle(rows, cols):
@@ -52,13 +66,15 @@ class Square(SubsetAttack):
     black-box adversarial attack via random search", ECCV 2020. Minimizes the margin
     m(x) = z_y − max_{i≠y} z_i with random search: at query i a square of side
     s = max(round(√(p_i · H · W)), 1) (L2: ≥ 3 and odd) at a random position is set to
-    ±2ε per channel (L2: filled with the `eta` pattern, keeping ‖δ‖₂ = ε), projected,
+    ±2ε per channel (L2: filled with the `eta` pattern, rescaled with per-channel window
+    norms as the official code does, `l2_update`, keeping ‖δ‖₂ = ε), projected,
     and kept when it lowers the loss or misclassifies. p_i starts at `p_init` and is
     halved at queries 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000 (`P_SCHEDULE`).
     As in the official code, one square position and (L∞) one sign per channel are drawn
     per query for the whole batch. Only examples not yet misclassified are queried;
     the attack stops once all are. L∞ starts from vertical stripes of ±ε; L2 from a grid
-    of `eta` patterns of side H/5.
+    of `eta` patterns of side H/5. Every random draw (restart, query, which draw) gets its
+    own seed from `fold`, so no two queries share their random numbers.
 
     Uses only forward passes (`self.logits`), never a gradient.
 
@@ -150,22 +166,39 @@ class Square(SubsetAttack):
     def _propose_l2(self, x, x_best, s, seed):
         h, w, c = (int(d) for d in x.shape[1:])
         batch = tf.shape(x)[0]
-        delta = x_best - x
         vh = self._position(h, s, fold(seed, 1))
         vw = self._position(w, s, fold(seed, 2))
         vh2 = self._position(h, s, fold(seed, 3))
         vw2 = self._position(w, s, fold(seed, 4))
+        signs = tf.sign(tf.random.stateless_uniform([batch, 1, 1, c], fold(seed, 5), -1.0, 1.0))
+        pattern = eta(s, fold(seed, 6))
+        return self.l2_update(x, x_best, vh, vw, vh2, vw2, s, pattern, signs)
+
+    def l2_update(self, x, x_best, vh, vw, vh2, vw2, s, pattern, signs):
+        """The official L2 query once its random draws are made (NHWC; per channel k).
+
+        With δ = x_best − x, W1 the s×s window at (vh, vw) and W2 the one at (vh2, vw2):
+
+            new_k = pattern · sign_k + δ[W1]_k / ‖δ[W1]_k‖₂
+            new_k ← new_k / ‖new_k‖₂ · √( max(ε² − ‖δ‖₂², 0) / C + ‖δ[W1 ∪ W2]_k‖₂² )
+            δ[W2] ← 0,  δ[W1] ← new,  x_new = clip(x + ε · δ / ‖δ‖₂, 0, 1)
+
+        Every window norm is per example and per channel (`sum(dim=(-2, -1))` in
+        fra31/auto-attack's `square.py`); ‖δ‖₂ is over the whole image.
+        """
+        h, w = int(x.shape[1]), int(x.shape[2])
+        delta = x_best - x
         mask1 = self._window(h, w, vh, vw, s)
         mask2 = self._window(h, w, vh2, vw2, s)
         window_1 = tf.slice(delta, [0, vh, vw, 0], [-1, s, s, -1])
         norms_window_1 = tf.sqrt(tf.reduce_sum(tf.square(window_1), [1, 2], keepdims=True))
         norms_image = per_example(batch_norm(delta, "l2"), x)
-        norms_windows = per_example(batch_norm(delta * tf.maximum(mask1, mask2), "l2"), x)
-        signs = tf.sign(tf.random.stateless_uniform([batch, 1, 1, c], fold(seed, 5), -1.0, 1.0))
-        new = eta(s, fold(seed, 6))[None, :, :, None] * signs
+        union = delta * tf.maximum(mask1, mask2)
+        norms_windows = tf.sqrt(tf.reduce_sum(tf.square(union), [1, 2], keepdims=True))
+        new = tf.cast(pattern, tf.float32)[None, :, :, None] * signs
         new += window_1 / (1e-12 + norms_window_1)
-        scale = tf.sqrt(tf.maximum(self.eps ** 2 - tf.square(norms_image), 0.0) / c
-                        + tf.square(norms_windows))
+        scale = tf.sqrt(tf.maximum(self.eps ** 2 - tf.square(norms_image), 0.0)
+                        / float(x.shape[-1]) + tf.square(norms_windows))
         new = new / (1e-12 + tf.sqrt(tf.reduce_sum(tf.square(new), [1, 2], keepdims=True))) * scale
         placed = tf.pad(new, [[0, 0], [vh, h - vh - s], [vw, w - vw - s], [0, 0]])
         delta = tf.where(mask1 > 0, placed, tf.where(mask2 > 0, 0.0, delta))

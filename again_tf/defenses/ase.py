@@ -2,6 +2,7 @@
 
 import keras
 
+from again_tf.attacks.pgd import STARTS
 from again_tf.defenses import insertion_points
 from again_tf.defenses.base import Modifier
 from again_tf.layers import AttributionSpanEnlargement, HybridFeatureFusion, InsertedSequence
@@ -54,6 +55,14 @@ class ASE(Modifier):
             adversarial features of the same image, forwarded as one batch by the
             objective) or "shuffle" (a random example of the same batch). See
             `HybridFeatureFusion` for the reasons.
+        attack_start: the training attack's random start, or None (default) to keep the
+            objective's own (uniform in the ε-ball for PGD-AT, as the CAS code AGAIN's
+            ResNet recipe follows; x + 0.001·N(0, I) for TRADES and MART). "normal" is
+            the official AGAIN code's start, x + 0.001·N(0, I) (`perturb_input` in
+            AGAIN_with_AWP/train_awp_again_cifar.py; the `again_awp` recipe sets it);
+            "uniform" and "none" are PGD's other starts. It is applied to the
+            `AdversarialModel`'s PGD attack when `fit` starts (`make_callbacks`, the hook
+            that sees the model), before the training step is traced.
 
     Example:
         adv = AdversarialModel(SmallCNN(10), defense="again_pgd", ase_alpha=0.6, hff=True)
@@ -62,9 +71,16 @@ class ASE(Modifier):
 
     name = "ase"
 
+    # The official AGAIN attack's start: x + 0.001·N(0, I).
+    NORMAL_START_STD = 0.001
+
     def __init__(self, points=None, ase_alpha=0.6, hff=False, hff_pairing="clean_adv",
-                 **kwargs):
+                 attack_start=None, **kwargs):
         super().__init__(**kwargs)
+        if attack_start not in (None,) + STARTS:
+            raise ValueError(f"Expected `attack_start` None or one of {STARTS}. "
+                             f"Received: attack_start={attack_start!r}")
+        self.attack_start = attack_start
         self.points = insertion_points.parse_points(points)
         if not 0.0 <= float(ase_alpha) <= 1.0:
             raise ValueError(f"Expected `ase_alpha` in [0, 1]. Received: ase_alpha={ase_alpha}")
@@ -90,6 +106,22 @@ class ASE(Modifier):
             layers[point] = layer
         return layers
 
+    def configure_attack(self, attack):
+        """Sets `attack_start` on the training attack (a PGD); nothing if it is None."""
+        if self.attack_start is None:
+            return
+        if not hasattr(attack, "random_start"):
+            raise ValueError(f"`attack_start` sets the start of a PGD training attack; the "
+                             f"defense's attack is a {type(attack).__name__}")
+        attack.random_start = self.attack_start
+        if self.attack_start == "normal":
+            attack.init_std = self.NORMAL_START_STD
+
+    def make_callbacks(self, adv_model, validation_data):
+        self.configure_attack(adv_model.attack)
+        return []
+
     def get_config(self):
         return {**super().get_config(), "points": self.points, "ase_alpha": self.ase_alpha,
-                "hff": self.hff, "hff_pairing": self.hff_pairing}
+                "hff": self.hff, "hff_pairing": self.hff_pairing,
+                "attack_start": self.attack_start}

@@ -66,9 +66,17 @@ def discrimination_loss(features, labels, typical, temperature=0.1, normalize=Tr
         ℓ_ij = −log( exp(s_ij) / Σ_b exp(s_ib) )                   (otherwise)
 
     ℓ_i is the mean of ℓ_ij over i's positives and L_DL the mean of ℓ_i over those
-    anchors (0 when the batch has none). Including the positive in the denominator (the
-    InfoNCE / supervised-contrastive form, Khosla et al. 2020) keeps ℓ ≥ 0 and makes it a
-    log-softmax; without it ℓ_ij is unbounded below once features are unnormalized.
+    anchors (0 when the batch has none).
+
+    The paper's form (Xu et al. 2021, the discrimination loss as written) is
+    `normalize=False, include_positive=False`: raw features, s_ij = h_i·h_j/τ, and only
+    the negatives in the denominator. Our defaults differ on purpose: including the
+    positive (the InfoNCE / supervised-contrastive form, Khosla et al. 2020) keeps ℓ ≥ 0
+    and makes it a log-softmax, and unit-norm h bound the similarities by 1/τ. The paper's
+    form is unbounded below on raw features: with h scaled by c, ℓ_ij ≈ c²·(max_b s_ib −
+    s_ij) for large c, so an anchor whose positive beats all its negatives drives L_DL to
+    −∞ as ‖h‖ grows. The official code, linked from the paper at anonymous.4open.science and
+    not on GitHub, was not available to us, so τ's value is not known either.
 
     Args:
         features: `(batch, dim)` penultimate features h.
@@ -76,8 +84,10 @@ def discrimination_loss(features, labels, typical, temperature=0.1, normalize=Tr
         typical: `(batch,)` bool, which examples are typical (mem < t).
         temperature: τ > 0. Default 0.1 (our choice: the supervised-contrastive default
             for unit-norm features; the BAT paper's value is not in our sources).
-        normalize: L2-normalize h first (cosine similarities). Default True.
-        include_positive: whether the positive is in the denominator. Default True.
+        normalize: L2-normalize h first (cosine similarities). Default True (ours; the
+            paper: False).
+        include_positive: whether the positive is in the denominator. Default True (ours;
+            the paper: False).
     """
     h = tf.cast(features, tf.float32)
     if normalize:
@@ -153,9 +163,13 @@ class BAT(PGDAT):
             0.15 (the paper's).
         temperature: τ of L_DL. Default 0.1 (our choice, see `discrimination_loss`).
         normalize_features: L2-normalize h in L_DL. Default True (our choice: bounded
-            similarities, so τ means the same for every architecture).
+            similarities, so τ means the same for every architecture); False is the
+            paper's raw h·h.
         include_positive: whether L_DL's denominator includes the positive. Default True
-            (see `discrimination_loss`).
+            (ours); False is the paper's negatives-only denominator. The paper's L_DL is
+            `normalize_features=False, include_positive=False` (`--defense_params=
+            normalize_features=0,include_positive=0`); see `discrimination_loss` for why
+            it is not the default.
         aux_weight: weight of the mean auxiliary-head loss. Default 2.0 (see `Objective`).
 
     Example:

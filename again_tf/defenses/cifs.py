@@ -38,7 +38,8 @@ class CIFS(Modifier):
             defaults above.
         probe_hidden: hidden width of the first, non-linear probe. Default None: 240
             for a `WideResNet` (official WRN code), 128 otherwise (official ResNet-18).
-        mask_scale: factor on the channel softmax. Default 1 (paper; official WRN code).
+        mask_scale: factor on the channel softmax. Default 1 (paper; the current official
+            WRN and ResNet-18 code; two old commits of the ResNet-18 code multiplied by 2).
 
     Example:
         adv = AdversarialModel(ResNet18(10), defense="cifs", eps=8/255, step_size=2/255)

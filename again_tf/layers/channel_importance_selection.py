@@ -39,8 +39,11 @@ class ChannelImportanceFeatureSelection(keras.layers.Layer):
             last stage and a linear probe for the second; its WRN uses 240.
         softplus_beta: β of the hidden Softplus, `log(1 + exp(β·x))/β`. Default 5
             (official code).
-        mask_scale: factor on the softmax. Default 1 (the paper and the official WRN
-            code; the official ResNet-18 file multiplies by 2).
+        mask_scale: factor on the softmax. Default 1, as the official code: the
+            ResNet-18 file `models/nets/resnet_CIFS.py` since commit bb5ff7d (Oct 2021,
+            the current one) and the WRN file `wide_resnet_CIFS.py` of the July 2021
+            commits. Only two older commits of the ResNet-18 file (2d8217c, 3a3f261)
+            multiplied by 2; `mask_scale=2` reproduces those.
 
     Input shape: `(batch, ..., channels)`.
     Output shape: the input's, and `(batch, num_classes)` probe logits.
