@@ -64,10 +64,13 @@ AA_VERSIONS = {"aa": "standard", "aa_plus": "plus", "aa_rand": "rand"}
 ATTACK_NAMES = ("clean, fgsm, pgdK (e.g. pgd20), cw / cwK, tpgd / tpgdK, aa, aa_plus, "
                 "aa_rand, " + ", ".join(COMPONENTS) + ", cwl2")
 
-def _head_objective_builder(name):
+RELAX_TEMPERATURE = 1.0  # T of the relaxed mask choice (our choice; module docstring)
+
+
+def _head_objective_builder(name, relax_masks=None):
     """The `OBJECTIVES` builder of `attacks.objectives.head_objective(name)`."""
     def builder(model, loss=losses.cross_entropy, aux_weight=objectives.DEFAULT_AUX_WEIGHT):
-        return objectives.objective_fn(model, name, loss, aux_weight)
+        return objectives.objective_fn(model, name, loss, aux_weight, relax_masks=relax_masks)
     return builder
 
 
@@ -77,7 +80,10 @@ def _head_objective_builder(name):
 # logits. A builder of `model` alone (a loss-agnostic objective) is accepted too.
 OBJECTIVES = {"main": lambda model, loss=None, aux_weight=None: None,
               "combined": _head_objective_builder("combined"),
-              "aux": _head_objective_builder("aux")}
+              "aux": _head_objective_builder("aux"),
+              # The same losses, differentiated through the masks' argmax choice (BPDA).
+              "main_relaxed": _head_objective_builder("main", RELAX_TEMPERATURE),
+              "combined_relaxed": _head_objective_builder("combined", RELAX_TEMPERATURE)}
 ADAPTIVE = ("main", "combined", "aux")  # the objectives of loss="adaptive", in this order
 
 

@@ -270,3 +270,53 @@ def test_parameter_counts_match_the_pytorch_models():
         "preact_resnet18": 11_172_170,  # Bag-of-tricks/AWP PreActResNet18 (with final bn)
         "wrn34_10": 46_160_474,         # TRADES/AWP WideResNet(34, 10)
     }
+
+
+# ------------------------------------------- the default model for 28x28 data
+
+
+def test_narrow_preact_resnet18_is_the_papers_shape_at_width_8():
+    """PreAct ResNet-18 at width 8: four stages of two blocks (8, 16, 32, 64 channels,
+    28 -> 28 -> 14 -> 7 -> 4), GAP and one Dense head, the ResNet-18 insertion points."""
+    model = models.build("preact_resnet18", 10, width=8, mean=(0.286,), std=(0.353,))
+    model.build((None, 28, 28, 1))
+    assert model.points == resnet_points(4, 2)
+    x = images((28, 28, 1))
+    h = model.stem(model.normalizer(x))
+    shapes = []
+    for block in model.blocks:
+        h = block(h)
+        shapes.append(tuple(h.shape[1:]))
+    assert shapes == [(28, 28, 8)] * 2 + [(14, 14, 16)] * 2 + [(7, 7, 32)] * 2 + [(4, 4, 64)] * 2
+    assert forward(model, x)["features"].shape == (2, 64)
+    # 1/8 of the width: about 1/64 of ResNet-18's 11.2M weights.
+    assert trainable_count(model) == 176_034  # counted by hand, layer by layer
+    clone = models.PreActResNet18.from_config(model.get_config())
+    assert clone.width == 8 and clone.get_config()["width"] == 8
+    with pytest.raises(ValueError, match="width"):
+        models.PreActResNet18(10, width=0)
+    with pytest.raises(ValueError, match="width"):
+        models.ResNet18(10, width=2.5)
+
+
+@pytest.mark.parametrize("defense", ["again_pgd", "cas"])
+def test_default_model_with_inserted_layers_saves_reloads_and_exports(defense, tmp_path):
+    from again_tf.defenses import AdversarialModel
+    from helpers import served_in_fresh_process
+
+    keras.utils.set_random_seed(0)
+    net = models.build("preact_resnet18", 10, width=4)
+    adv = AdversarialModel(net, defense=defense, eps=0.1, step_size=0.05, steps=1,
+                           eval_steps=0)
+    adv.compile(optimizer=keras.optimizers.Adam(1e-2))
+    x = images((28, 28, 1), batch=16)
+    adv.fit(x, np.arange(16) % 10, batch_size=8, epochs=1, verbose=0)
+    assert sorted(net.inserts) == ["penultimate", "stage4.block0"]
+    expected = np.asarray(net(x, training=False))
+    path = str(tmp_path / "net.keras")
+    net.save(path)
+    loaded = keras.saving.load_model(path)
+    assert sorted(loaded.inserts) == sorted(net.inserts) and loaded.width == 4
+    np.testing.assert_allclose(loaded(x, training=False), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(served_in_fresh_process(net, x, tmp_path), expected,
+                               rtol=1e-5, atol=1e-5)

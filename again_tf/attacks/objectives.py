@@ -75,12 +75,16 @@ def head_objective(name, loss=losses.cross_entropy, aux_weight=DEFAULT_AUX_WEIGH
 
 
 def objective_fn(model, name, loss=losses.cross_entropy, aux_weight=DEFAULT_AUX_WEIGHT,
-                 training=False):
+                 training=False, relax_masks=None):
     """`loss_fn(x_adv, labels) -> (batch,)` of objective `name` for `Attack.perturb`.
 
     The model runs on its inference path (`labels=None`: the label-conditioned layers
     pick their masks from their own auxiliary heads, as at test time), in BatchNorm
     mode `training` (default False). Other arguments as in `head_objective`.
+
+    `relax_masks=T` lets the gradient reach the argmax that picks each inserted mask
+    (straight-through softmax at temperature T, `ClassChannelMask.mask`); the loss value
+    is that of the real model.
 
     Example:
         x_adv = PGD(model, eps=0.1).perturb(x, y, objective_fn(model, "aux"))
@@ -88,7 +92,8 @@ def objective_fn(model, name, loss=losses.cross_entropy, aux_weight=DEFAULT_AUX_
     objective = head_objective(name, loss, aux_weight)
 
     def loss_fn(x_adv, labels):
-        return objective(forward(model, x_adv, training=training), labels)
+        return objective(forward(model, x_adv, training=training, relax_masks=relax_masks),
+                         labels)
 
     return loss_fn
 

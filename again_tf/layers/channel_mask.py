@@ -94,15 +94,31 @@ class ClassChannelMask(keras.layers.Layer):
         """The mask while a defense trains: `W[:, y]`."""
         return self.class_masks(labels)
 
-    def mask(self, aux_logits, labels=None, training=None):
-        """The `(batch, channels)` mask this call applies."""
+    # Accepts `relax` (a temperature) to let attacks differentiate through the mask choice.
+    relaxable = True
+
+    def mask(self, aux_logits, labels=None, training=None, relax=None):
+        """The `(batch, channels)` mask this call applies.
+
+        On the inference path the mask `W[:, argmax a]` is piecewise constant in the
+        auxiliary logits `a`, so no gradient reaches the choice. With `relax = T > 0`
+        (attacks only, `Classifier.forward(..., relax_masks=T)`) the mask keeps that value
+        but takes the gradient of the soft mask `W · softmax(a / T)`: the straight-through
+        form of BPDA (Athalye et al., ICML 2018), `hard + soft − stop_gradient(soft)`.
+        """
         if training and labels is not None:
             return self.training_mask(labels)
-        return self.class_masks(ops.argmax(aux_logits, axis=-1))
+        hard = self.class_masks(ops.argmax(aux_logits, axis=-1))
+        if relax is None:
+            return hard
+        weights = ops.softmax(ops.cast(aux_logits, "float32") / float(relax), axis=-1)
+        soft = ops.cast(ops.matmul(weights, ops.transpose(ops.cast(self.kernel, "float32"))),
+                        hard.dtype)
+        return hard + soft - ops.stop_gradient(soft)
 
-    def call(self, inputs, labels=None, training=None):
+    def call(self, inputs, labels=None, training=None, relax=None):
         logits = self.aux_logits(inputs)
-        mask = self.mask(logits, labels, training)
+        mask = self.mask(logits, labels, training, relax)
         return inputs * per_channel(mask, len(inputs.shape)), logits
 
     def compute_output_shape(self, input_shape):

@@ -43,10 +43,17 @@ class InsertedSequence(keras.layers.Layer):
             out = layer.compute_output_shape(shape)
             shape = tuple(out[0]) if isinstance(out[0], (tuple, list)) else tuple(out)
 
-    def call(self, inputs, labels=None, training=None):
+    @property
+    def relaxable(self):
+        """True if an inner layer takes `relax` (see `ClassChannelMask.mask`)."""
+        return any(getattr(l, "relaxable", False) for l in self.inner)
+
+    def call(self, inputs, labels=None, training=None, relax=None):
         h, aux = inputs, None
         for layer in self.inner:
-            out = layer(h, labels=labels, training=training)
+            extra = {"relax": relax} if relax is not None and getattr(layer, "relaxable",
+                                                                      False) else {}
+            out = layer(h, labels=labels, training=training, **extra)
             if isinstance(out, (tuple, list)):
                 if aux is not None:
                     raise ValueError(f"InsertedSequence {self.name!r}: more than one layer "

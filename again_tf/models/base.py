@@ -21,14 +21,15 @@ from keras import ops
 PENULTIMATE = "penultimate"
 
 
-def forward(model, x, training=False, labels=None):
+def forward(model, x, training=False, labels=None, relax_masks=None):
     """Runs any classifier and returns `{"logits", "aux_logits", "features"}`.
 
     A `Classifier` gives its auxiliary logits and pooled features; any other Keras model
     that maps images to logits gives its logits, no auxiliary heads and `features=None`.
+    `relax_masks`: see `Classifier.forward`.
     """
     if isinstance(model, Classifier):
-        return model.forward(x, training=training, labels=labels)
+        return model.forward(x, training=training, labels=labels, relax_masks=relax_masks)
     return {"logits": model(x, training=training), "aux_logits": [], "features": None}
 
 
@@ -127,33 +128,41 @@ class Classifier(keras.Model):
                 f"Unknown insertion point(s) {unknown} for {type(self).__name__}. "
                 f"Expected one of: {', '.join(self.points)}")
 
-    def _insert(self, point, h, labels, training, aux):
+    def _insert(self, point, h, labels, training, aux, relax=None):
         layer = self.inserts.get(point)
         if layer is None:
             return h
-        out = layer(h, labels=labels, training=training)
+        extra = {"relax": relax} if relax is not None and getattr(layer, "relaxable",
+                                                                  False) else {}
+        out = layer(h, labels=labels, training=training, **extra)
         if isinstance(out, (tuple, list)):
             h, extra = out
             aux.append(extra)
             return h
         return out
 
-    def feature_map(self, x, training=False, labels=None):
+    def feature_map(self, x, training=False, labels=None, relax_masks=None):
         """The penultimate feature map (after any layer inserted there) and aux logits."""
         aux = []
         h = self.stem(self.normalizer(x), training=training)
         for point, block in zip(self.block_names, self.blocks):
-            h = self._insert(point, block(h, training=training), labels, training, aux)
+            h = self._insert(point, block(h, training=training), labels, training, aux,
+                             relax_masks)
         if self.neck is not None:
             h = self.neck(h, training=training)
-        h = self._insert(PENULTIMATE, h, labels, training, aux)
+        h = self._insert(PENULTIMATE, h, labels, training, aux, relax_masks)
         return h, aux
 
-    def forward(self, x, training=False, labels=None):
-        """Returns `{"logits", "aux_logits": [...], "features": pooled penultimate features}`."""
+    def forward(self, x, training=False, labels=None, relax_masks=None):
+        """Returns `{"logits", "aux_logits": [...], "features": pooled penultimate features}`.
+
+        `relax_masks=T` (attacks only) gives the inserted mask layers' argmax choice the
+        gradient of a softmax at temperature T, values unchanged (`ClassChannelMask.mask`).
+        """
         if not self.built:  # defenses call forward() directly, not through __call__
             self.build(tuple(x.shape))
-        h, aux = self.feature_map(x, training=training, labels=labels)
+        h, aux = self.feature_map(x, training=training, labels=labels,
+                                  relax_masks=relax_masks)
         features = self.pool(h, training=training)
         return {"logits": self.fc(features), "aux_logits": aux, "features": features}
 

@@ -4,8 +4,9 @@ import keras
 from keras import ops
 
 from again_tf.models.base import Classifier
-from again_tf.models.resnet import (BNReLU, batch_norm, build_chain, check_block_args, conv2d,
-                                    conv_output_shape, make_stages, torch_padding)
+from again_tf.models.resnet import (BNReLU, batch_norm, build_chain, check_block_args,
+                                    check_width, conv2d, conv_output_shape, make_stages,
+                                    torch_padding)
 
 
 @keras.saving.register_keras_serializable(package="again_tf")
@@ -84,10 +85,13 @@ class PreActResNet18(Classifier):
         std: per-channel standard deviation, same units.
         inserts: dict from insertion point (`"stage1.block0"` ... `"stage4.block1"`,
             `"penultimate"`, after the final BN-ReLU) to a layer, see `Classifier`.
+        width: channels of the first stage; the four stages have width x 1, 2, 4, 8.
+            Default 64, the papers' network (`width=8` is the CPU default for 28x28 data:
+            1/64 of the arithmetic).
 
     Input shape: `(batch, height, width, channels)`, float32 in [0, 1].
     Output shape: `(batch, num_classes)` logits; `forward(...)["features"]` is
-    `(batch, 512)`.
+    `(batch, 8 * width)`.
 
     Example:
         model = PreActResNet18(10, mean=(0.4914, 0.4822, 0.4465),
@@ -98,13 +102,21 @@ class PreActResNet18(Classifier):
     Pang et al., "Bag of Tricks for Adversarial Training", ICLR 2021.
     """
 
-    def __init__(self, num_classes=10, mean=(0.0,), std=(1.0,), inserts=None, **kwargs):
+    def __init__(self, num_classes=10, mean=(0.0,), std=(1.0,), inserts=None, width=64,
+                 **kwargs):
         super().__init__(num_classes, mean=mean, std=std, inserts=inserts, **kwargs)
-        self.stem = conv2d(64, 3, 1, name="stem")
+        self.width = check_width(width)
+        w = self.width
+        self.stem = conv2d(w, 3, 1, name="stem")
         self.blocks, self.block_names = make_stages(
-            PreActBlock, (64, 128, 256, 512), (1, 2, 2, 2), 2)
+            PreActBlock, (w, 2 * w, 4 * w, 8 * w), (1, 2, 2, 2), 2)
         self.neck = BNReLU(name="neck")
         self.pool = keras.layers.GlobalAveragePooling2D(name="pool")
         # float32 logits (and losses) under a mixed-precision policy
         self.fc = keras.layers.Dense(self.num_classes, dtype="float32", name="fc")
         self._check_inserts()
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(width=self.width)
+        return config

@@ -81,6 +81,14 @@ def check_block_args(filters, strides, dropout=0.0):
         raise ValueError(f"Expected `dropout` in [0, 1). Received: dropout={dropout}")
 
 
+def check_width(width):
+    """The first stage's channel count of a ResNet (the later stages have 2x, 4x, 8x)."""
+    if isinstance(width, bool) or int(width) != width or width < 1:
+        raise ValueError(f"Expected `width` a positive integer (channels of the first stage; "
+                         f"64 is the papers' ResNet-18). Received: width={width!r}")
+    return int(width)
+
+
 def make_stages(block, widths, strides, blocks_per_stage, **block_kwargs):
     """Creates the blocks of a multi-stage net and their names `"stage{s}.block{b}"`.
 
@@ -231,10 +239,13 @@ class ResNet18(Classifier):
         std: per-channel standard deviation, same units.
         inserts: dict from insertion point (`"stage1.block0"` ... `"stage4.block1"`,
             `"penultimate"`) to a layer, see `Classifier`.
+        width: channels of the first stage; the four stages have width x 1, 2, 4, 8.
+            Default 64, the papers' network (`width=8` is the CPU default for 28x28 data:
+            1/64 of the arithmetic).
 
     Input shape: `(batch, height, width, channels)`, float32 in [0, 1] (32x32 for CIFAR).
     Output shape: `(batch, num_classes)` logits; `forward(...)["features"]` is
-    `(batch, 512)`.
+    `(batch, 8 * width)`.
 
     Example:
         model = ResNet18(10, mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616))
@@ -243,13 +254,21 @@ class ResNet18(Classifier):
     Reference: He et al., "Deep Residual Learning for Image Recognition", CVPR 2016.
     """
 
-    def __init__(self, num_classes=10, mean=(0.0,), std=(1.0,), inserts=None, **kwargs):
+    def __init__(self, num_classes=10, mean=(0.0,), std=(1.0,), inserts=None, width=64,
+                 **kwargs):
         super().__init__(num_classes, mean=mean, std=std, inserts=inserts, **kwargs)
-        self.stem = ConvBNReLU(64, name="stem")
+        self.width = check_width(width)
+        w = self.width
+        self.stem = ConvBNReLU(w, name="stem")
         self.blocks, self.block_names = make_stages(
-            BasicBlock, (64, 128, 256, 512), (1, 2, 2, 2), 2)
+            BasicBlock, (w, 2 * w, 4 * w, 8 * w), (1, 2, 2, 2), 2)
         self.neck = None
         self.pool = keras.layers.GlobalAveragePooling2D(name="pool")
         # float32 logits (and losses) under a mixed-precision policy
         self.fc = keras.layers.Dense(self.num_classes, dtype="float32", name="fc")
         self._check_inserts()
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(width=self.width)
+        return config
