@@ -7,17 +7,19 @@ that outputs logits) or a train.py run folder (its model.keras, or best.keras wi
 --checkpoint=best; its run.json gives the dataset, ε and norm unless flags say
 otherwise). Prints the table and writes a JSON report, a Markdown table and, with
 --classwise (default), the class-wise report (JSON + PNG plots); --sanity adds the
-gradient-masking checks. `--helpfull` lists flags.
+gradient-masking checks. `--help` lists the flags.
 """
 
 import os
 import sys
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
-from flags import definitions  # noqa: E402
+from again_tf.cli import definitions  # noqa: E402
+from again_tf.cli import help as cli_help  # noqa: E402
 
 definitions.define_evaluate()
 FLAGS = flags.FLAGS
@@ -145,11 +147,35 @@ def memorization_report(model, results, num_test, dataset, eps, step, norm):
         verbose=FLAGS.verbose, loss=FLAGS.loss, **attack_options())
 
 
+def check_writable(base):
+    """Creates the report's folder and checks a file can be written there: one line if not."""
+    folder = os.path.dirname(os.path.abspath(base))
+    probe = base + ".json.tmp"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if os.path.isdir(base + ".json"):
+            raise IsADirectoryError(0, "is a folder", base + ".json")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        where = "--report" if FLAGS.report else "the default report"
+        raise EvaluateError(f"{where} {base}.json cannot be written ({e.strerror or e}); pass "
+                            f"--report=<writable path>.json") from None
+
+
 def load_model(path, flag="model_path"):
+    import zipfile
+
     import keras
 
     import again_tf  # noqa: F401  (registers the again_tf layers and models)
 
+    if path.endswith(".keras") and os.path.isfile(path) and not zipfile.is_zipfile(path):
+        # Keras would call it "File not found"; a .keras file is a zip archive.
+        raise EvaluateError(f"--{flag}={path}: cannot load the model: the file is corrupt or "
+                            f"truncated (a .keras file is a zip archive, and this one of "
+                            f"{os.path.getsize(path)} bytes is not)")
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as e:  # corrupt zip, unknown layer, wrong format...
@@ -169,6 +195,10 @@ def check_model(model, x, info, flag="model_path"):
     if out.ndim != 2 or out.shape[1] != info.num_classes:
         raise EvaluateError(f"--{flag}: the model returns shape {out.shape[1:]} for "
                             f"{info.name}; expected ({info.num_classes},) logits")
+    from again_tf.attacks.base import PROBABILITIES_WARNING, looks_like_probabilities
+
+    if looks_like_probabilities(np.asarray(model(x[:16], training=False))):
+        print(f"evaluate.py: warning: --{flag}: {PROBABILITIES_WARNING}", file=sys.stderr)
 
 
 def report_paths(model_file):
@@ -184,6 +214,7 @@ def report_paths(model_file):
 ADAPTIVE_NOTE = ("The model has auxiliary heads: an attack marked (worst) ran on each "
                  "loss listed under it (main: its own loss on the main head; combined: "
                  "main + 2·mean of the auxiliary heads; aux: the auxiliary heads alone; "
+                 "*_relaxed: the same with the gradient through the mask choice; "
                  "for AutoAttack, main is AutoAttack itself and the others APGD-CE on the "
                  "points it left robust) and an image counts as robust only if it "
                  "survived all of them.")
@@ -218,7 +249,9 @@ def run():
     from again_tf.analysis import classwise, sanity
 
     validate()
+    started = time.time()
     model_file, run_folder = resolve_model_path(FLAGS.model_path, FLAGS.checkpoint)
+    check_writable(report_paths(model_file))  # before any work, not after the evaluation
     dataset, info, eps, step, norm = settings(run_folder)
     model = load_model(model_file)
     split = f"test[:{FLAGS.num_images}]" if FLAGS.num_images else "test"
@@ -256,6 +289,10 @@ def run():
     if any("by_loss" in r for r in results.values()):
         markdown += [ADAPTIVE_NOTE, ""]
     markdown += [evaluation.format_markdown(rows, columns)]
+    # AutoAttack's official checks (randomness, probabilities, zero gradients, Square).
+    warned = [f"- {name}: {w}" for name, r in results.items() for w in r.get("warnings") or []]
+    if warned:
+        markdown += ["", "## Warnings", ""] + warned
     if FLAGS.classwise:
         rep = classwise.report(y, {n: r["predictions"] for n, r in results.items()},
                                num_classes=info.num_classes, class_names=info.class_names,
@@ -317,6 +354,11 @@ def run():
               + memorization.format_split(report["memorization"]))
     print(f"\nSaved {base}.json, {base}.md" + (", class-wise JSON and PNGs" if FLAGS.classwise
                                                  else ""))
+    total = time.time() - started  # loading, every attack, reports and plots
+    per_attack = ", ".join(f"{name} {len(y) / max(r['seconds'], 1e-9):.2f}"
+                           for name, r in results.items() if name != "clean")
+    print(f"Throughput: {len(y)} images in {total:.1f} s for the whole evaluation "
+          f"({len(y) / total:.2f} images/s); images/s per attack: {per_attack or '-'}")
     return report
 
 
@@ -333,9 +375,12 @@ def main(argv):
         run()
     except (ValueError, FileNotFoundError, EvaluateError) as e:
         sys.exit(f"evaluate.py: error: {one_line(e)}")
+    except OSError as e:  # disk full while writing the report...
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        sys.exit(f"evaluate.py: error: {e.strerror or one_line(e)}{where}")
     except KeyboardInterrupt:
         sys.exit(130)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_help.run(main, __doc__)

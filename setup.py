@@ -5,12 +5,12 @@ setup(
     version="0.1.0",
     description="Adversarial training (AGAIN, CAS/CIFS, BAT, TRADES, MART, AWP, ...) and "
                 "robustness evaluation for TensorFlow 2 / Keras 3",
-    packages=find_packages(include=["again_tf", "again_tf.*", "flags"]),
-    package_data={"flags": ["*.cfg"]},
+    packages=find_packages(include=["again_tf", "again_tf.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "tensorflow>=2.16",
-        "keras>=3.0",
+        # Tested: the exact versions of constraints.txt (pip install -e . -c constraints.txt).
+        "tensorflow>=2.16,<3",
+        "keras>=3.0,<4",
         "tensorflow-datasets",
         "importlib_resources",  # tensorflow-datasets imports it when downloading
         "keras-tuner[bayesian]",  # [bayesian]: scikit-learn, for tune.py --tuner=bayesian
@@ -23,5 +23,10 @@ setup(
     extras_require={
         "gpu": ["tensorflow[and-cuda]>=2.16"],
         "test": ["pytest", "pytest-timeout"],
+        # benchmarks/versus_pytorch.py. Pinned: on the project's machines pip takes this
+        # release's CPU build from local disk (a newer torch is a multi-GB CUDA build).
+        # torchattacks goes in separately with --no-deps (it declares torchvision and an
+        # old requests, neither of which it imports): see the README.
+        "compare": ["torch==2.13.0"],
     },
 )

@@ -19,7 +19,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
-from flags import definitions  # noqa: E402
+from again_tf.cli import definitions  # noqa: E402
+from again_tf.cli import help as cli_help  # noqa: E402
 
 definitions.define_common()
 flags.DEFINE_string("defense", "trades", "Defense whose hyper-parameters are searched.")
@@ -31,7 +32,7 @@ flags.DEFINE_list("search", [], "Hyper-parameters to search (default: all the de
                   "takes among beta, gamma, ase_alpha, aux_weight, lr, weight_decay).")
 flags.DEFINE_string("defense_params", "", "Fixed defense hyper-parameters, name=value pairs.")
 flags.DEFINE_string("model", "auto", "Model, as in train.py.")
-flags.DEFINE_integer("width", 0, "small_cnn width (0: 16).")
+flags.DEFINE_integer("width", 0, "Model width, as in train.py (0: the model's default).")
 flags.DEFINE_integer("epochs", 3, "Epochs per trial (Hyperband: the most any trial gets).")
 flags.DEFINE_enum("optimizer", "adam", ["sgd", "adam"], "Optimizer.")
 flags.DEFINE_integer("attack_steps", 10, "PGD steps of the training attack.")
@@ -42,6 +43,18 @@ flags.DEFINE_string("out_dir", None, "Trials folder. Default runs/tune_<dataset>
 flags.DEFINE_bool("overwrite", False, "Start the search over instead of resuming it.")
 flags.DEFINE_integer("verbose", 1, "0 quiet, 1 per-trial progress.")
 FLAGS = flags.FLAGS
+
+
+def check_writable(out_dir):
+    """The trials folder must be writable before any trial runs; one line if not."""
+    probe = os.path.join(out_dir, ".write_test.tmp")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--out_dir={out_dir} cannot be written: {e.strerror or e}") from None
 
 
 def main(argv):
@@ -63,6 +76,10 @@ def main(argv):
         training.validate(cfg)
         if cfg.val_size < 1:
             raise ValueError(f"--val_size={cfg.val_size}: the objective needs validation data")
+        if FLAGS.max_trials < 1:
+            raise ValueError(f"--max_trials={FLAGS.max_trials} must be at least 1 (keras-tuner "
+                             f"reads a budget below 1 as no limit)")
+        check_writable(out_dir)
         cfg, info = training.resolve(cfg)
         train_ds, val_ds, _ = training.datasets(cfg, info)
         kwargs = {"width": cfg.width} if cfg.model == "small_cnn" else {}
@@ -85,14 +102,21 @@ def main(argv):
     if FLAGS.verbose:
         print(f"Searching {', '.join(hypermodel.search)} of {cfg.defense} with the "
               f"{FLAGS.tuner} tuner; objective {tuning.OBJECTIVE.name} (max)")
-    tuner.search(train_ds, validation_data=val_ds, epochs=cfg.epochs,
-                 verbose=1 if FLAGS.verbose else 0)
-    rows = tuning.summary_rows(tuner)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    try:
+        tuner.search(train_ds, validation_data=val_ds, epochs=cfg.epochs,
+                     verbose=1 if FLAGS.verbose else 0)
+        rows = tuning.summary_rows(tuner)
+        with open(os.path.join(out_dir, "results.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except OSError as e:  # disk full, folder made read-only during the search
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        sys.exit(f"tune.py: error: {e.strerror or ' '.join(str(e).split())}{where}; the "
+                 f"finished trials are kept in {out_dir}: rerun to resume the search")
     print(f"\n{cfg.defense}: {len(rows)} trial(s), best first (saved in {out_dir}):")
     print(tuning.summary_table(tuner))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_help.run(main, __doc__)

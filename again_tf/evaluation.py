@@ -29,13 +29,18 @@ head alone overstates their robustness (`attacks.objectives`). For a model with
 auxiliary heads every attack that takes a custom loss (fgsm, pgdK, cw, tpgd, apgd-ce,
 apgd-dlr) runs once per objective of `ADAPTIVE` — "main" (its own loss on the main
 logits), "combined" (ℓ(main) + β·mean_h ℓ(aux_h), β = `aux_weight` = 2 as in training)
-and "aux" (mean_h ℓ(aux_h)), ℓ being the attack's own loss (CE, C&W margin, DLR,
-temperature CE) — and an example counts as robust only if it is classified correctly
-under all of them; the entry keeps each objective's accuracy in "by_loss". AutoAttack
+"aux" (mean_h ℓ(aux_h)), ℓ being the attack's own loss (CE, C&W margin, DLR,
+temperature CE), and "main_relaxed", "combined_relaxed": the same losses with the
+gradient taken through the argmax that picks each mask (a straight-through softmax at
+temperature `RELAX_TEMPERATURE` = 1, our choice: BPDA, Athalye et al., ICML 2018; the
+loss values are the real model's) — and an example counts as robust only if it is
+classified correctly under all of them; the entry keeps each objective's accuracy in
+"by_loss". The official AGAIN/CAS/CIFS evaluation attacks "combined" alone
+(`loss="combined"`). AutoAttack
 (aa, aa_plus, aa_rand) runs as is on the main head, then APGD-CE with the version's
-settings and the "combined", then the "aux" objective on the points it left robust (each
-on all of those points, so "by_loss" holds AA ∧ APGD-CE(objective)); its
-"accuracy_after" gets the cumulative entries "apgd-ce[combined]" and "apgd-ce[aux]".
+settings and each other objective on the points it left robust (each on all of those
+points, so "by_loss" holds AA ∧ APGD-CE(objective)); its "accuracy_after" gets the
+cumulative entries "apgd-ce[combined]", "apgd-ce[aux]", ... .
 Attacks that follow the logits (apgd-t, fab, fab-t, square, cwl2) run once. For a model
 without auxiliary heads "adaptive" is "main", at no extra cost.
 """
@@ -48,16 +53,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from again_tf import catalog
 from again_tf.attacks import losses, objectives
 from again_tf.attacks.apgd import APGD, APGDT
 from again_tf.attacks.autoattack import COMPONENTS, AutoAttack, build_component
 from again_tf.attacks.cw import CWL2
 from again_tf.attacks.pgd import FGSM, PGD
-from again_tf.attacks.temperature_pgd import DEFAULT_TEMPERATURE, TemperaturePGD
+from again_tf.attacks.temperature_pgd import DEFAULT_TEMPERATURE, TemperaturePGD  # noqa: F401
 from again_tf.models.base import forward
 
-DEFAULT_OPTIONS = dict(n_iter=100, n_queries=5000, eot_iter=20, n_target_classes=9,
-                       temperature=DEFAULT_TEMPERATURE, cwl2_steps=1000, cwl2_search_steps=9)
+DEFAULT_OPTIONS = dict(catalog.ATTACK_OPTIONS)  # AutoAttack's budget, our T-PGD/C&W-L2
 
 AA_VERSIONS = {"aa": "standard", "aa_plus": "plus", "aa_rand": "rand"}
 
@@ -84,7 +89,11 @@ OBJECTIVES = {"main": lambda model, loss=None, aux_weight=None: None,
               # The same losses, differentiated through the masks' argmax choice (BPDA).
               "main_relaxed": _head_objective_builder("main", RELAX_TEMPERATURE),
               "combined_relaxed": _head_objective_builder("combined", RELAX_TEMPERATURE)}
-ADAPTIVE = ("main", "combined", "aux")  # the objectives of loss="adaptive", in this order
+# The objectives of loss="adaptive", in this order. The relaxed ones were added when, on a
+# PreAct ResNet-18 again_pgd model, they lowered the per-image worst case further
+# (PGD-20 on 300 Fashion-MNIST images: main 0.743, combined 0.620, aux 0.600,
+# main_relaxed 0.663, combined_relaxed 0.597; worst of the first three 0.600, of all 0.597).
+ADAPTIVE = ("main", "combined", "aux", "main_relaxed", "combined_relaxed")
 
 
 def loss_modes():

@@ -4,11 +4,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# First: again_tf imports TensorFlow without its CPU start-up noise (again_tf.startup).
+from again_tf import data, models  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-from again_tf import data, models  # noqa: E402
 
 
 def fashion(split):

@@ -4,13 +4,12 @@
                                   mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616))
 """
 
+from again_tf.catalog import MODELS  # the names, kept free of TensorFlow for the CLI help
 from again_tf.models.base import PENULTIMATE, Classifier, Standardize, forward
 from again_tf.models.preact_resnet import PreActBlock, PreActResNet18
 from again_tf.models.resnet import BasicBlock, BNReLU, ConvBNReLU, ResNet18, set_sync_batchnorm
 from again_tf.models.small_cnn import ConvStage, HiddenDense, SmallCNN
 from again_tf.models.wide_resnet import WideBasicBlock, WideResNet
-
-MODELS = ("small_cnn", "resnet18", "preact_resnet18", "wrn34_10")
 
 _ALL_NAMES = MODELS + ("wrn",)
 

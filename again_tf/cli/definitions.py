@@ -1,13 +1,13 @@
 """The command-line flags of train.py and evaluate.py, defined once.
 
-Paper recipes are absl flagfiles beside this module: `python train.py --flagfile=flags/X.cfg`.
+Paper recipes are absl flagfiles in the repository's flags/ folder:
+`python train.py --flagfile=flags/X.cfg`.
 Numbers that are fractions of 255 may be written as such: `--eps=8/255`.
 """
 
 from absl import flags
 
-from again_tf import data, models
-from again_tf.defenses import registry
+from again_tf import catalog
 
 
 def fraction(text, flag):
@@ -23,12 +23,21 @@ def fraction(text, flag):
         raise ValueError(f"--{flag}={text!r} is not a number or a fraction such as 8/255") from None
 
 
+def integers(items, flag):
+    """Parses a list flag of integers (`--lr_milestones=100,150`); a clear error otherwise."""
+    try:
+        return tuple(int(str(item).strip()) for item in items)
+    except ValueError:
+        raise ValueError(f"--{flag}={','.join(map(str, items))}: expected integers separated "
+                         f"by commas, e.g. 100,150") from None
+
+
 def key_values(text, flag):
     """Parses `beta=6,gamma=0.005` into {"beta": 6.0, "gamma": 0.005}."""
     out = {}
     for item in filter(None, (text or "").split(",")):
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key.strip():
             raise ValueError(f"--{flag}: expected name=value pairs separated by commas, got {item!r}")
         try:
             out[key.strip()] = float(value) if any(c in value for c in ".e") else int(value)
@@ -38,7 +47,7 @@ def key_values(text, flag):
 
 
 def define_common():
-    flags.DEFINE_string("dataset", "fashion_mnist", f"Dataset: {', '.join(data.DATASETS)}.")
+    flags.DEFINE_string("dataset", "fashion_mnist", f"Dataset: {', '.join(catalog.DATASETS)}.")
     flags.DEFINE_string("data_dir", None, "Folder with the dataset's standard files (idx.gz, "
                         "CIFAR binary/python tarball or folder, SVHN .mat) or a prepared "
                         "tensorflow-datasets copy. Default: Debian's Fashion-MNIST, then tfds.")
@@ -56,17 +65,18 @@ def define_common():
 
 def define_train():
     define_common()
-    flags.DEFINE_string("defense", "again_pgd", f"Defense: {', '.join(registry.names())}.")
+    flags.DEFINE_string("defense", "again_pgd", f"Defense: {', '.join(catalog.DEFENSES)}.")
     flags.DEFINE_string("defense_params", "", "Defense hyper-parameters as name=value pairs, "
                         "e.g. beta=6.")
     flags.DEFINE_string("memorization_scores", None, "Per-example memorization scores of the "
                         "training split (.npy, or .npz with a tr_mem entry) for --defense=bat; "
                         "see benchmarks/memorization.py.")
-    flags.DEFINE_string("model", "auto", f"Model: auto ({'small_cnn'} for 28x28 data, "
-                        f"preact_resnet18 otherwise) or one of {', '.join(models.MODELS)}.")
-    flags.DEFINE_integer("width", 0, "Channels of small_cnn's first stage (0: 16, which "
-                         "trains in minutes on a CPU; the classic CNN has 32). small_cnn only.")
-    flags.DEFINE_integer("epochs", 4, "Epochs.")
+    flags.DEFINE_string("model", "auto", f"Model: auto (preact_resnet18; width 8 for 28x28 "
+                        f"data) or one of {', '.join(catalog.MODELS)}.")
+    flags.DEFINE_integer("width", 0, "Channels of the first stage of small_cnn, resnet18, "
+                         "preact_resnet18 (0: the model's default: 16 for small_cnn, 64 for "
+                         "the ResNets, the papers' width; 8 for --model=auto on 28x28 data).")
+    flags.DEFINE_integer("epochs", 3, "Epochs.")
     flags.DEFINE_enum("optimizer", "adam", ["sgd", "adam"], "Optimizer.")
     flags.DEFINE_float("lr", 1e-3, "Learning rate.")
     flags.DEFINE_enum("lr_schedule", "constant", ["constant", "piecewise", "cosine"],
@@ -76,14 +86,25 @@ def define_train():
     flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
     flags.DEFINE_float("weight_decay", 0.0, "Coupled L2 weight decay (torch SGD style), e.g. 5e-4.")
     flags.DEFINE_integer("attack_steps", 10, "PGD steps of the training attack.")
+    flags.DEFINE_bool("attack_training", False, "Craft the training attack with BatchNorm in "
+                      "training mode (batch statistics), as the AWP repository's "
+                      "AT_AWP/train_cifar10.py (PGD-AT, AT-AWP) does; default inference mode, "
+                      "as the TRADES, MART, TRADES-AWP, CAS, CIFS and AGAIN code. The "
+                      "attack never changes the running statistics either way.")
     flags.DEFINE_integer("eval_steps", 10, "PGD steps of the per-epoch validation attack.")
-    flags.DEFINE_integer("val_size", 1000, "Training examples held out for validation "
-                         "(selects best.keras); 0: no validation.")
-    flags.DEFINE_integer("train_size", 0, "Use only the first N training examples (0: all).")
+    flags.DEFINE_integer("val_size", None, "Training examples held out for validation "
+                         "(selects best.keras); 0: no validation. Default: 500 for 28x28 "
+                         "data, 1000 otherwise.")
+    flags.DEFINE_integer("train_size", None, "Use only the first N training examples (0: "
+                         "all). Default: 10000 for 28x28 data (the 10-minute CPU run), all "
+                         "otherwise.")
     flags.DEFINE_integer("test_images", 1000, "Test images of the final table.")
     flags.DEFINE_list("test_attacks", ["clean", "pgd20"], "Attacks of the final table.")
     flags.DEFINE_string("out_dir", None, "Run folder. Default runs/<dataset>_<model>_<defense>.")
-    flags.DEFINE_bool("resume", False, "Continue the run in --out_dir from its last checkpoint.")
+    flags.DEFINE_bool("resume", False, "Continue the run in --out_dir from its last finished "
+                      "epoch (the result equals an uninterrupted run's). A changed --lr, "
+                      "--momentum or schedule setting applies from the next epoch and is "
+                      "printed; another --optimizer is refused.")
     flags.DEFINE_integer("verbose", 1, "0 silent, 1 progress bar, 2 one line per epoch.")
     define_scale()
 
@@ -117,7 +138,7 @@ def define_evaluate():
     flags.DEFINE_string("report", None, "JSON report path; the Markdown table and the PNG "
                         "plots are written beside it. Default: <model folder>/eval.json "
                         "(eval_<name>.json for a model file not named model.keras).")
-    from again_tf.evaluation import DEFAULT_OPTIONS as attack_defaults
+    attack_defaults = catalog.ATTACK_OPTIONS
 
     flags.DEFINE_integer("n_iter", attack_defaults["n_iter"],
                          "APGD and FAB iterations (AutoAttack: 100).")

@@ -1,0 +1,78 @@
+"""The command-line contract that needs no training: fast help, quiet start, one catalog."""
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from again_tf import catalog, data, evaluation, models
+from again_tf.defenses import registry
+from helpers import ROOT
+
+
+def run(args, **kwargs):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env, **kwargs)
+
+
+@pytest.mark.parametrize("script, own", [
+    ("train.py", ["--defense", "--epochs", "--train_size", "--width", "--attack_training",
+                  "--resume", "--dataset", "--eps", "--seed"]),
+    ("evaluate.py", ["--model_path", "--attacks", "--loss", "--num_images", "--dataset",
+                     "--eps", "--seed"]),
+    ("tune.py", ["--defense", "--tuner", "--max_trials", "--dataset", "--eps", "--batch_size",
+                 "--seed"]),
+])
+def test_help_lists_the_scripts_flags_fast_with_exit_0(script, own):
+    start = time.time()
+    proc = run([script, "--help"])
+    seconds = time.time() - start
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    listed = {"--" + f for f in re.findall(r"^  --(?:\[no\])?(\w+)", proc.stdout, flags=re.M)}
+    assert set(own) <= listed, set(own) - listed
+    assert "--logtostderr" not in listed  # absl's own flags only with --helpfull
+    assert "tensorflow" not in proc.stderr.lower()
+    # No TensorFlow import: well under the ~10-20 s that importing it takes here.
+    assert seconds < 8, seconds
+    full = run([script, "--helpfull"])
+    assert full.returncode == 0
+    assert full.stdout.index("--defense" if script != "evaluate.py" else "--model_path") < \
+        full.stdout.index("logtostderr")
+
+
+def test_import_is_light_quiet_and_registers_the_keras_classes(tmp_path):
+    """`import again_tf` imports no TensorFlow; a later `import keras` is quiet and can
+    load again_tf's models; the CUDA start-up lines never reach the terminal."""
+    code = textwrap.dedent(f"""
+        import sys
+        import again_tf
+        assert "tensorflow" not in sys.modules, "import again_tf imported TensorFlow"
+        from again_tf import models
+        net = models.build("preact_resnet18", 10, width=2)
+        net.build((None, 8, 8, 1))
+        net.save({str(tmp_path / "m.keras")!r})
+    """)
+    saved = run(["-c", code])
+    assert saved.returncode == 0, saved.stderr[-2000:]
+    load = textwrap.dedent(f"""
+        import again_tf, keras
+        model = keras.saving.load_model({str(tmp_path / "m.keras")!r})
+        print(type(model).__name__, model.width)
+    """)
+    loaded = run(["-c", load])
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert loaded.stdout.split() == ["PreActResNet18", "2"]
+    for proc in (saved, loaded):
+        for noise in ("cuda drivers", "cuInit", "absl::InitializeLog", "cpu_feature_guard"):
+            assert noise not in proc.stderr, proc.stderr
+
+
+def test_the_catalog_is_what_the_modules_use():
+    assert registry.names()[:len(catalog.DEFENSES)] == catalog.DEFENSES
+    assert data.DATASETS == catalog.DATASETS and models.MODELS == catalog.MODELS
+    assert evaluation.DEFAULT_OPTIONS == catalog.ATTACK_OPTIONS

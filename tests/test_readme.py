@@ -1,0 +1,144 @@
+"""The README's code runs: every Python block as written, every shell command's flags.
+
+So that README and code cannot drift apart:
+- every fenced ```python block of README.md is executed in-process, verbatim, in a
+  temporary folder; only its size is shrunk, by a fixture that caps what any split of
+  `again_tf.data.load`/`load_arrays` returns (`README_IMAGES` images) and the epochs of
+  `fit` (1). Set AGAIN_TF_README_FULL=1 to run the blocks at their written size.
+- every `python <script> ...` command in README.md (indented or fenced) is parsed by its
+  script's own flags and its configuration validated, all commands of one script in one
+  fresh interpreter (the scripts define their flags at import). The main job itself,
+  `python train.py`, runs end to end in tests/test_training.py's CLI test.
+"""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import textwrap
+
+import again_tf
+from again_tf import data  # noqa: F401  (first: imports TensorFlow quietly)
+import keras
+import pytest
+from helpers import ROOT
+
+README = os.path.join(ROOT, "README.md")
+README_IMAGES = 256
+FULL = os.environ.get("AGAIN_TF_README_FULL") == "1"
+
+
+def readme():
+    with open(README, encoding="utf-8") as f:
+        return f.read()
+
+
+def python_blocks():
+    return re.findall(r"^```python\n(.*?)^```", readme(), flags=re.S | re.M)
+
+
+def shell_commands():
+    """`python X.py ...` commands of the README's code (fenced or indented), one string each."""
+    commands = []
+    text = readme()
+    code = re.findall(r"^```(?:sh|bash|shell)?\n(.*?)^```", text, flags=re.S | re.M)
+    code += re.findall(r"((?:^    .*\n)+)", text, flags=re.M)
+    code += re.findall(r"`(python [^`]+)`", text)
+    for chunk in code:
+        for line in chunk.replace("\\\n", " ").splitlines():
+            for part in line.split("&&"):
+                part = part.strip()
+                if part.startswith("python ") and ".py" in part.split()[1]:
+                    commands.append(part)
+    return sorted(set(commands))
+
+
+def capped_split(split):
+    """`split` limited to its first README_IMAGES examples."""
+    match = re.fullmatch(r"(\w+)(?:\[(\d*):(\d*)\])?", split)
+    if not match:
+        return split
+    name, start, stop = match.group(1), int(match.group(2) or 0), match.group(3)
+    stop = min(int(stop), start + README_IMAGES) if stop else start + README_IMAGES
+    return f"{name}[{start}:{stop}]"
+
+
+@pytest.fixture
+def shrunk(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    if FULL:
+        return
+    for name in ("load", "load_arrays"):
+        original = getattr(again_tf.data, name)
+
+        def capped(dataset, split, *args, _original=original, **kwargs):
+            return _original(dataset, capped_split(split), *args, **kwargs)
+
+        monkeypatch.setattr(again_tf.data, name, capped)
+    original_fit = keras.Model.fit
+
+    def one_epoch(self, *args, **kwargs):
+        kwargs["epochs"] = min(kwargs.get("epochs", 1), 1)
+        return original_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", one_epoch)
+
+
+def test_the_readme_has_code_to_check():
+    assert len(python_blocks()) >= 2
+    scripts = {shlex.split(c)[1] for c in shell_commands()}
+    assert {"train.py", "evaluate.py", "tune.py"} <= scripts, scripts
+
+
+def test_python_blocks_run_in_order(shrunk):
+    """All blocks, in README order, in one folder: a later block may use an earlier one's
+    files (the SavedModel block serves the export of the training block)."""
+    for index, code in enumerate(python_blocks()):
+        exec(compile(code, f"README.md python block {index + 1}", "exec"),
+             {"__name__": "readme"})
+
+
+def _check_script_commands(script, commands, tmp_path):
+    """Parses each command's flags with `script`'s definitions and validates the config."""
+    argvs = [shlex.split(c)[1:] for c in commands]
+    code = textwrap.dedent(f"""
+        import json, os, sys
+        sys.argv = [{script!r}]
+        sys.path.insert(0, os.path.dirname({script!r}) or ".")
+        import runpy
+        module = runpy.run_path({script!r}, run_name="readme_check")
+        from absl import flags
+        failures = []
+        for argv in json.loads(sys.stdin.read()):
+            if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv):
+                continue  # help is tested in tests/test_cli.py
+            flags.FLAGS.unparse_flags()
+            try:
+                flags.FLAGS(argv)
+                check = module.get("check_flags")
+                if check is not None:
+                    check()
+            except Exception as e:  # one line per failing command
+                failures.append(" ".join(argv) + " -> " + type(e).__name__ + ": " + str(e))
+        print(json.dumps(failures))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(argvs), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    failures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not failures, failures
+
+
+def commands_by_script():
+    by_script = {}
+    for command in shell_commands():
+        by_script.setdefault(shlex.split(command)[1], []).append(command)
+    return by_script
+
+
+@pytest.mark.parametrize("script", sorted(commands_by_script()))
+def test_shell_commands_parse_and_validate(script, tmp_path):
+    assert os.path.exists(os.path.join(ROOT, script)), f"README runs {script}, which is missing"
+    _check_script_commands(script, commands_by_script()[script], tmp_path)
