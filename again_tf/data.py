@@ -6,6 +6,8 @@ with its shape, classes, normalization statistics and the usual L-inf attack bud
     images, labels = again_tf.data.load_arrays("cifar10", "train[:45000]", data_dir="~/data")
     ds, ds_info = again_tf.data.load("cifar10", "train[:45000]", data_dir="~/data")
     train = again_tf.data.pipeline(ds, 128, training=True, augment=ds_info.augment, seed=0)
+    # Epochs 3..9 exactly as an uninterrupted run sees them (for resuming):
+    rest = again_tf.data.training_epochs(ds, 128, seed=0, epochs=10, first_epoch=3)
 
 Data is looked for, in this order:
 
@@ -17,6 +19,10 @@ Data is looked for, in this order:
 3. tensorflow-datasets, which finds a copy it prepared before under `data_dir` (or its
    default directory) or downloads one when online.
 
+A local `data_dir` that does not exist is an error (FileNotFoundError), never a reason to
+fall back to another copy. CIFAR python batches are read with an unpickler that builds
+only NumPy arrays, lists, numbers and bytes: nothing in a data file is ever executed.
+
 Images are uint8 NHWC arrays and labels int64 arrays; `load` turns images into float32
 in [0, 1]. Decoded arrays are cached for the life of the process and are read-only.
 """
@@ -24,6 +30,7 @@ in [0, 1]. Decoded arrays are cached for the life of the process and are read-on
 import dataclasses
 import functools
 import gzip
+import io
 import math
 import os
 import pickle
@@ -35,7 +42,7 @@ import zlib
 import numpy as np
 import tensorflow as tf
 
-DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn")
+from again_tf.catalog import DATASETS  # noqa: E402  (the names, kept free of TensorFlow)
 
 AUGMENTATIONS = ("none", "crop_flip")
 
@@ -346,6 +353,59 @@ def pipeline(ds, batch_size, training=False, augment="none", seed=None,
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def training_epochs(ds, batch_size, seed, epochs, first_epoch=0, augment="none"):
+    """The training batches of epochs `first_epoch` ... `epochs - 1`, one after the other.
+
+    Each epoch's order and augmentation depend on `(seed, epoch)` alone, unlike
+    `pipeline`'s, which depend on how many epochs the same dataset object has already
+    run: so a run resumed at epoch k sees exactly the batches an uninterrupted run saw.
+    Feed it to `fit(..., steps_per_epoch=ceil(n / batch_size))`, which keeps one iterator
+    across the epochs.
+
+    Args:
+        ds: An unbatched dataset of images or of tuples starting with an image.
+        batch_size: Number of examples per batch (the last batch of an epoch may be
+            smaller).
+        seed: Integer seed of the shuffles and augmentations.
+        epochs: One past the last epoch (0-based), as `fit(epochs=...)`.
+        first_epoch: The first epoch (0-based), as `fit(initial_epoch=...)`.
+        augment: `"crop_flip"` or `"none"`, as in `pipeline`.
+
+    Returns:
+        A finite, prefetched `tf.data.Dataset` of batches.
+    """
+    if augment not in AUGMENTATIONS:
+        raise ValueError(
+            f"Unknown augment {augment!r}. Expected one of: {', '.join(AUGMENTATIONS)}"
+        )
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    size = int(ds.cardinality())
+    buffer = size if 0 < size <= MAX_SHUFFLE_BUFFER else MAX_SHUFFLE_BUFFER
+    seed = int(seed)
+
+    @tf.autograph.experimental.do_not_convert  # autograph trips on shuffle's tensor seed
+    def one_epoch(epoch):
+        # The shuffle's two seeds are (this function graph's seed, the epoch): both set
+        # here, so the order depends on nothing else. The graph seed is odd, never 0:
+        # TensorFlow cannot take a tensor op seed beside a graph seed of 0.
+        tf.random.set_seed(2 * seed + 1)
+        batches = ds.shuffle(buffer, seed=epoch, reshuffle_each_iteration=False)
+        batches = batches.batch(batch_size)
+        # A large odd multiplier keeps the augmentation keys of (seed, epoch) pairs apart.
+        key = tf.constant(seed, tf.int64) * 1000003 + epoch
+        if augment == "crop_flip":
+            # Stateless ops keyed by (seed, epoch, batch): the same crops every time.
+            index = tf.data.Dataset.range(tf.int64.max)
+            batches = tf.data.Dataset.zip((batches, index)).map(
+                lambda element, i: _augment_element(element, key * 1000003 + i),
+                num_parallel_calls=tf.data.AUTOTUNE)
+        return batches
+
+    epochs_ds = tf.data.Dataset.range(int(first_epoch), int(epochs))
+    return epochs_ds.flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
+
+
 def clear_cache():
     """Forgets the decoded arrays cached by `load_arrays` and `load`."""
     _load_split.cache_clear()
@@ -389,6 +449,13 @@ def _select(name, split, data_dir):
         # Leave remote paths (gs://...) to tensorflow-datasets.
         if "://" not in data_dir:
             data_dir = os.path.abspath(os.path.expanduser(data_dir))
+            if not os.path.isdir(data_dir):
+                # A mistyped folder must not fall back to another copy, nor make
+                # tensorflow-datasets create it and try to download into it.
+                raise FileNotFoundError(
+                    f"Dataset {name!r}: data_dir {data_dir} does not exist. Expected a "
+                    f"folder holding {_EXPECTED_FILES[name]} (directly or in a subfolder "
+                    f"{name}/), or a copy prepared by tensorflow-datasets")
     debian_dir = DEBIAN_FASHION_MNIST if name == "fashion_mnist" else None
     images, labels = _load_split(name, base, data_dir, debian_dir)
     size = len(labels)
@@ -623,11 +690,49 @@ def _decode_cifar(name, fmt, chunks):
             np.concatenate(labels).astype(np.int64))
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR python batch holds: dicts, lists, bytes, numbers and
+    NumPy arrays. A pickle may name any callable to run while it loads (that is how code
+    gets executed from a crafted file); every name other than NumPy's array rebuilders
+    is refused."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how protocol 2 writes Python 3 bytes: encode(text, latin1)
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(
+                f"it refers to {module}.{name}, which a CIFAR batch never does (only NumPy "
+                f"arrays, lists, numbers and bytes are read; nothing in the file is run)")
+        if name == "encode":
+            return _latin1_bytes
+        try:
+            from numpy._core import multiarray, numeric
+        except ImportError:  # NumPy 1
+            from numpy.core import multiarray, numeric
+
+        return {"_reconstruct": multiarray._reconstruct, "scalar": multiarray.scalar,
+                "_frombuffer": numeric._frombuffer, "ndarray": np.ndarray,
+                "dtype": np.dtype}[name]
+
+
+def _latin1_bytes(text, encoding="utf-8"):
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"unexpected encode({type(text).__name__}, "
+                                     f"{encoding!r}) in a CIFAR batch")
+    return text.encode("latin1")
+
+
 def _unpickle_cifar(name, where, data):
     label_key = "fine_labels" if name == "cifar100" else "labels"
     try:
         # The official batches are Python 2 pickles with byte-string keys.
-        batch = pickle.loads(data, encoding="bytes")
+        batch = _CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as e:
         raise ValueError(f"Cannot read {where}: expected a pickled CIFAR batch "
                          f"({type(e).__name__}: {e})") from e

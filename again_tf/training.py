@@ -25,6 +25,9 @@ from again_tf import checkpoint, data, distribute, evaluation, models, precision
 from again_tf.defenses import AdversarialModel, registry
 
 OPTIMIZERS = ("sgd", "adam")
+WIDTH_MODELS = ("small_cnn", "resnet18", "preact_resnet18")  # models with a `width` argument
+AUTO_WIDTH_28 = 8  # --model=auto on 28x28 gray images: PreAct ResNet-18 at width 8
+DEFAULT_TRAIN_SIZE_28, DEFAULT_VAL_SIZE_28 = 10000, 500  # train_size/val_size None, 28x28
 SCHEDULES = ("constant", "piecewise", "cosine")
 # What must match for --resume to continue a run (the rest, e.g. epochs, may change).
 _IDENTITY = ("defense", "dataset", "model", "width", "eps", "norm", "seed", "train_size",
@@ -46,7 +49,9 @@ class TrainConfig:
     for testing "mirrored" without GPUs) is made before any TensorFlow op runs;
     `batch_size` is then the global batch, split over the replicas. `sync_batchnorm`
     all-reduces BatchNorm's batch statistics over the replicas; `mixed_precision` is
-    "off", "float16" or "bfloat16" (`again_tf.precision`).
+    "off", "float16" or "bfloat16" (`again_tf.precision`). `attack_training` is
+    `AdversarialModel`'s BatchNorm mode of the training attack (True in the recipes of the
+    AWP repository's AT_AWP/train_cifar10.py, which attacks in train mode).
     """
 
     defense: str = "again_pgd"
@@ -54,7 +59,7 @@ class TrainConfig:
     data_dir: str = None
     model: str = "auto"
     width: int = 0
-    epochs: int = 4
+    epochs: int = 3
     batch_size: int = 128
     optimizer: str = "adam"
     lr: float = 1e-3
@@ -67,15 +72,16 @@ class TrainConfig:
     step_size: float = None
     norm: str = "linf"
     attack_steps: int = 10
+    attack_training: bool = False
     eval_steps: int = 10
-    val_size: int = 1000
-    train_size: int = 0
+    val_size: int = None
+    train_size: int = None
     test_images: int = 1000
     test_attacks: tuple = ("clean", "pgd20")
     defense_params: dict = dataclasses.field(default_factory=dict)
     memorization_scores: str = None
     seed: int = 0
-    out_dir: str = "runs/default"
+    out_dir: str = None
     jit_compile: str = "auto"
     strategy: str = "none"
     cpu_replicas: int = 0
@@ -91,6 +97,7 @@ def validate(cfg):
         raise ValueError(f"--defense={cfg.defense!r} is unknown. Expected one of: "
                          f"{', '.join(registry.names())}")
     data.info(cfg.dataset)
+    cfg = default_sizes(cfg)
     if cfg.model != "auto" and cfg.model not in models.MODELS:
         raise ValueError(f"--model={cfg.model!r} is unknown. Expected auto or one of: "
                          f"{', '.join(models.MODELS)}")
@@ -105,11 +112,33 @@ def validate(cfg):
     if cfg.lr_schedule not in SCHEDULES:
         raise ValueError(f"--lr_schedule={cfg.lr_schedule!r} is unknown. Expected one of: "
                          f"{', '.join(SCHEDULES)}")
-    for flag in ("epochs", "batch_size", "attack_steps"):
+    for flag in ("epochs", "batch_size", "attack_steps", "test_images"):
         if getattr(cfg, flag) < 1:
             raise ValueError(f"--{flag}={getattr(cfg, flag)} must be at least 1")
-    if cfg.lr <= 0:
-        raise ValueError(f"--lr={cfg.lr} must be > 0")
+    for flag, meaning in (("eval_steps", "0 turns the validation attack off"),
+                          ("val_size", "0 holds out nothing"),
+                          ("train_size", "0 uses the whole training split"),
+                          ("cpu_replicas", "0 is off")):
+        if getattr(cfg, flag) < 0:
+            raise ValueError(f"--{flag}={getattr(cfg, flag)} must be >= 0 ({meaning})")
+    if cfg.train_size > data.info(cfg.dataset).train_size:
+        raise ValueError(f"--train_size={cfg.train_size} is more than the "
+                         f"{data.info(cfg.dataset).train_size} training examples of "
+                         f"{cfg.dataset}")
+    for flag in ("lr", "lr_decay"):
+        if not getattr(cfg, flag) > 0:
+            raise ValueError(f"--{flag}={getattr(cfg, flag)} must be > 0")
+    if not 0 <= cfg.momentum < 1:
+        raise ValueError(f"--momentum={cfg.momentum} must be in [0, 1)")
+    if not cfg.weight_decay >= 0:
+        raise ValueError(f"--weight_decay={cfg.weight_decay} must be >= 0")
+    milestones = list(cfg.lr_milestones)
+    if any(not isinstance(m, int) or m < 1 for m in milestones) or milestones != sorted(
+            set(milestones)):
+        raise ValueError(f"--lr_milestones={','.join(map(str, milestones))}: expected "
+                         f"increasing epochs >= 1, e.g. 100,150")
+    if cfg.lr_schedule == "piecewise" and not milestones:
+        raise ValueError("--lr_schedule=piecewise needs --lr_milestones, e.g. 100,150")
     if cfg.jit_compile not in ("auto", "true", "false", True, False):
         raise ValueError(f"--jit_compile={cfg.jit_compile!r}: expected auto, true or false")
     precision.check(cfg.mixed_precision)
@@ -127,7 +156,13 @@ def validate(cfg):
     if registry.needs(cfg.defense, "needs_holdout") and cfg.val_size < 1:
         raise ValueError(f"--val_size={cfg.val_size}: --defense={cfg.defense} measures "
                          f"class-wise robustness on held-out data; expected --val_size > 0")
-    objective, _ = registry.get(cfg.defense, **params)
+    try:
+        objective, _ = registry.get(cfg.defense, **params)
+    except (TypeError, ValueError) as e:  # e.g. beta=abc: name the flag, not a float()
+        text = str(e)
+        raise ValueError(text if text.startswith("--") else
+                         f"--defense_params={_params_text(cfg.defense_params)} for "
+                         f"--defense={cfg.defense}: {text}") from None
     if uses_index:
         info = data.info(cfg.dataset)
         needed = (cfg.train_size or info.train_size) - cfg.val_size
@@ -135,6 +170,10 @@ def validate(cfg):
             raise ValueError(f"--memorization_scores={params['memorization_scores']} holds "
                              f"{objective.num_examples} scores; the training examples are "
                              f"train[:{needed}], so expected at least {needed}")
+
+
+def _params_text(params):
+    return ",".join(f"{k}={v}" for k, v in dict(params).items())
 
 
 def defense_hparams(cfg):
@@ -145,22 +184,54 @@ def defense_hparams(cfg):
     return params
 
 
+def small_images(info):
+    """MNIST-like data (28x28 gray), where the CPU defaults apply."""
+    return info.shape[0] <= 32 and info.shape[-1] == 1
+
+
+def default_sizes(cfg):
+    """`cfg` with `train_size`/`val_size` None replaced by their defaults.
+
+    The CPU default run on 28x28 data trains on 9,500 images and validates on 500, so
+    that `python train.py` finishes in about 10 minutes on 2 cores; other data use the
+    whole training split and hold out 1,000.
+    """
+    small = small_images(data.info(cfg.dataset))
+    return dataclasses.replace(
+        cfg, train_size=(DEFAULT_TRAIN_SIZE_28 if small else 0) if cfg.train_size is None
+        else cfg.train_size,
+        val_size=(DEFAULT_VAL_SIZE_28 if small else 1000) if cfg.val_size is None
+        else cfg.val_size)
+
+
 def resolve(cfg):
     """Fills in the dataset-dependent defaults ("auto" model, ε, step)."""
     info = data.info(cfg.dataset)
     cfg = dataclasses.replace(cfg)
     if cfg.model == "auto":
-        cfg.model = "small_cnn" if info.shape[0] == 28 else "preact_resnet18"
-    if cfg.width and cfg.model != "small_cnn":
-        raise ValueError(f"--width={cfg.width} applies to --model=small_cnn only "
-                         f"(received --model={cfg.model})")
+        cfg.model = "preact_resnet18"
+        # The papers' ResNet-18 shape at 1/8 of its width: PGD-AT fits in minutes on a CPU.
+        cfg.width = cfg.width or (AUTO_WIDTH_28 if small_images(info) else 0)
+    if cfg.width and cfg.model not in WIDTH_MODELS:
+        raise ValueError(f"--width={cfg.width} applies to --model="
+                         f"{'/'.join(WIDTH_MODELS)} only (received --model={cfg.model})")
     if cfg.model == "small_cnn":
         cfg.width = cfg.width or 16  # half the classic 32: PGD-AT fits in minutes on a CPU
+    elif cfg.model in WIDTH_MODELS:
+        cfg.width = cfg.width or 64  # the papers' ResNet-18
+    cfg = default_sizes(cfg)
+    if cfg.out_dir is None:
+        cfg.out_dir = os.path.join("runs", f"{cfg.dataset}_{cfg.model}_{cfg.defense}")
     cfg.eps = cfg.eps or info.eps
     cfg.step_size = cfg.step_size or (cfg.eps / 4)
     cfg.lr_milestones = tuple(int(m) for m in cfg.lr_milestones)
     cfg.test_attacks = tuple(cfg.test_attacks)
     return cfg, info
+
+
+def width_kwargs(cfg):
+    """The model constructor's `width` argument, for the models that take one."""
+    return {"width": cfg.width} if cfg.model in WIDTH_MODELS else {}
 
 
 def use_xla(setting):
@@ -173,15 +244,19 @@ def use_xla(setting):
 
 
 def prepare_out_dir(cfg):
-    """Creates the run folder; refuses one that holds another run unless resuming it."""
+    """Creates the run folder and takes its lock; refuses one that holds another run
+    unless resuming it, and a resume whose checkpoint cannot continue with `cfg`.
+
+    Everything is checked before anything is written; the lock (`checkpoint.lock`) is
+    held until `checkpoint.unlock(cfg.out_dir)`. Returns True when resuming.
+    """
     run_file = os.path.join(cfg.out_dir, "run.json")
     previous = checkpoint.read_json(run_file)
     if previous is None:
-        if os.path.isdir(cfg.out_dir) and os.listdir(cfg.out_dir):
+        if os.path.isdir(cfg.out_dir) and set(os.listdir(cfg.out_dir)) - {".lock"}:
             raise RunError(f"--out_dir={cfg.out_dir} is not empty and holds no again_tf run; "
                            f"choose a new or empty folder")
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        checkpoint.write_json(run_file, _as_json(cfg))
+        _writable(cfg.out_dir, lambda: checkpoint.write_json(run_file, _as_json(cfg)))
         return False
     if not cfg.resume:
         raise RunError(f"--out_dir={cfg.out_dir} holds a run already; pass --resume to "
@@ -192,8 +267,83 @@ def prepare_out_dir(cfg):
         raise RunError(f"--resume: the run in {cfg.out_dir} was made with different "
                        + ", ".join(f"--{k} ({previous.get(k)!r} there, {mine.get(k)!r} now)"
                                    for k in differ))
-    checkpoint.write_json(run_file, mine)
+
+    def resume_checked():
+        state = checkpoint.read_state(cfg.out_dir)
+        if state is not None:
+            refusal, _ = resume_changes(state, cfg)
+            if refusal:
+                raise RunError(refusal)
+        checkpoint.write_json(run_file, mine)
+
+    _writable(cfg.out_dir, resume_checked)
     return True
+
+
+def _writable(out_dir, then):
+    """Creates `out_dir`, takes its lock and runs `then()`; OSError -> one-line RunError."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        checkpoint.lock(out_dir)
+    except OSError as e:
+        raise RunError(f"--out_dir={out_dir} cannot be written: {e.strerror or e}") from None
+    try:
+        then()
+    except OSError as e:
+        checkpoint.unlock(out_dir)
+        raise RunError(f"--out_dir={out_dir} cannot be written: {e.strerror or e}") from None
+    except BaseException:
+        checkpoint.unlock(out_dir)
+        raise
+
+
+def optimizer_settings(cfg):
+    """What the optimizer's state and learning rate depend on; each checkpoint records it."""
+    settings = {"optimizer": cfg.optimizer, "lr": cfg.lr, "lr_schedule": cfg.lr_schedule,
+                "batch_size": cfg.batch_size}
+    if cfg.optimizer == "sgd":
+        settings["momentum"] = cfg.momentum
+    if cfg.lr_schedule == "piecewise":
+        settings.update(lr_milestones=list(cfg.lr_milestones), lr_decay=cfg.lr_decay)
+    if cfg.lr_schedule == "cosine":
+        settings["epochs"] = cfg.epochs  # the cosine's length
+    return settings
+
+
+def resume_changes(state, cfg):
+    """(refusal or None, [changes applied]) between a checkpoint's `state` and `cfg`.
+
+    A changed optimizer, or a change between a constant learning rate and a schedule,
+    cannot carry the optimizer state over (other variables); a schedule counts steps,
+    so its batch size may not change. The learning rate, momentum and schedule
+    parameters may: they apply from the next epoch on, and the change is reported.
+    """
+    old, new = state["optimizer"], optimizer_settings(cfg)
+    where = f"--resume: the checkpoint in {cfg.out_dir} (epoch {state['epoch']})"
+    if state["epoch"] > cfg.epochs:
+        return (f"{where} has trained more than --epochs={cfg.epochs}; pass --epochs >= "
+                f"{state['epoch']}"), []
+    if old.get("optimizer") != new["optimizer"]:
+        return (f"{where} holds {old.get('optimizer')} state; --optimizer={new['optimizer']} "
+                f"cannot continue it: resume with --optimizer={old.get('optimizer')} or "
+                f"start a new run"), []
+    if (old.get("lr_schedule") == "constant") != (new["lr_schedule"] == "constant"):
+        return (f"{where} was trained with --lr_schedule={old.get('lr_schedule')}, whose "
+                f"optimizer state --lr_schedule={new['lr_schedule']} cannot continue "
+                f"(a learning-rate variable in one, a schedule in the other): resume with "
+                f"--lr_schedule={old.get('lr_schedule')} or start a new run"), []
+    if new["optimizer"] == "sgd" and (old.get("momentum") == 0) != (new["momentum"] == 0):
+        return (f"{where} was trained with --momentum={old.get('momentum')}; SGD keeps "
+                f"momentum buffers only when momentum > 0, so --momentum={new['momentum']} "
+                f"cannot continue its state"), []
+    if new["lr_schedule"] != "constant" and old.get("batch_size") != new["batch_size"]:
+        return (f"{where} was trained with --batch_size={old.get('batch_size')}; the "
+                f"{new['lr_schedule']} schedule counts steps, so --batch_size="
+                f"{new['batch_size']} would move it: resume with --batch_size="
+                f"{old.get('batch_size')}"), []
+    changes = [f"--{k}={new.get(k)!r} (was {old.get(k)!r})"
+               for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return None, [c.replace("'", "") for c in changes]
 
 
 def _as_json(cfg):
@@ -213,15 +363,33 @@ def build_optimizer(cfg, steps_per_epoch):
     return keras.optimizers.Adam(lr)
 
 
-def datasets(cfg, info):
-    """(train, validation or None) batched pipelines; validation is held out of train."""
+def _training_examples(cfg, info):
+    """The unbatched training split (validation held out); `(x, y, index)` for the
+    defenses with per-example state (BAT's memorization scores)."""
     size = cfg.train_size or info.train_size
     if cfg.val_size >= size:
         raise ValueError(f"--val_size={cfg.val_size} leaves no training data "
                          f"(--train_size={size})")
-    # Defenses with per-example state (BAT's memorization scores) get (x, y, index).
     train_ds, _ = data.load(cfg.dataset, f"train[:{size - cfg.val_size}]", cfg.data_dir,
                             with_index=registry.needs(cfg.defense, "uses_index"))
+    return train_ds
+
+
+def training_batches(cfg, info, first_epoch=0):
+    """The training batches of epochs `first_epoch` to `cfg.epochs - 1`, each epoch's
+    order and augmentation fixed by (seed, epoch): a resumed run sees the batches an
+    uninterrupted one saw (`data.training_epochs`)."""
+    batches = data.training_epochs(_training_examples(cfg, info), cfg.batch_size, cfg.seed,
+                                   cfg.epochs, first_epoch, augment=info.augment)
+    if cfg.strategy == "multi_worker":  # each worker takes its slice of every global batch
+        batches = distribute.shard_by_data(batches)
+    return batches
+
+
+def datasets(cfg, info):
+    """(train, validation or None) batched pipelines; validation is held out of train."""
+    size = cfg.train_size or info.train_size
+    train_ds = _training_examples(cfg, info)
     train = data.pipeline(train_ds, cfg.batch_size, training=True, augment=info.augment,
                           seed=cfg.seed)
     val = None
@@ -233,10 +401,11 @@ def datasets(cfg, info):
 
 def build(cfg, info):
     """The classifier wrapped in an `AdversarialModel`, compiled."""
-    kwargs = {"width": cfg.width} if cfg.model == "small_cnn" else {}
-    net = models.build(cfg.model, info.num_classes, mean=info.mean, std=info.std, **kwargs)
+    net = models.build(cfg.model, info.num_classes, mean=info.mean, std=info.std,
+                       **width_kwargs(cfg))
     adv = AdversarialModel(net, defense=cfg.defense, eps=cfg.eps, step_size=cfg.step_size,
                            steps=cfg.attack_steps, norm=cfg.norm,
+                           attack_training=cfg.attack_training,
                            eval_steps=cfg.eval_steps if cfg.val_size else 0,
                            weight_decay=cfg.weight_decay, seed=cfg.seed,
                            **defense_hparams(cfg))
@@ -244,12 +413,16 @@ def build(cfg, info):
     return adv
 
 
-def train(cfg):
+def train(cfg, callbacks=()):
     """Runs (or resumes) a training run; returns the final results dict.
+
+    `callbacks`: extra Keras callbacks, run before the checkpoint at each epoch's end, so
+    values they add to the epoch's `logs` are saved in the run's metrics (and resumed).
 
     Raises ValueError/RunError for bad input before anything is written, and
     FloatingPointError when the loss becomes NaN (the last good checkpoint is kept).
     """
+    started = time.time()
     strategy = distribute.make_strategy(cfg.strategy, cfg.cpu_replicas)  # before any TF op
     validate(cfg)
     cfg, info = resolve(cfg)
@@ -260,7 +433,15 @@ def train(cfg):
     train_ds, val_ds, n_train = datasets(cfg, info)
     if cfg.strategy == "multi_worker":  # each worker takes its slice of every global batch
         train_ds, val_ds = (distribute.shard_by_data(d) for d in (train_ds, val_ds))
-    resuming = prepare_out_dir(cfg)
+    resuming = prepare_out_dir(cfg)  # takes the folder's lock: released when train ends
+    try:
+        return _train_locked(cfg, info, strategy, val_ds, n_train, resuming, started,
+                             callbacks)
+    finally:
+        checkpoint.unlock(cfg.out_dir)
+
+
+def _train_locked(cfg, info, strategy, val_ds, n_train, resuming, started, callbacks=()):
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     if cfg.verbose and strategy.num_replicas_in_sync > 1:
         print(f"Training on {distribute.describe(strategy)}, global batch {cfg.batch_size}")
@@ -272,37 +453,51 @@ def train(cfg):
             models.set_sync_batchnorm(False)
         adv.compile(optimizer=build_optimizer(cfg, steps_per_epoch),
                     jit_compile=use_xla(cfg.jit_compile))
-        saver = checkpoint.Checkpointer(cfg.out_dir)
-        initial_epoch = 0
-        if resuming and os.path.exists(saver.last):
-            adv.optimizer.build(adv.trainable_variables)
-            adv.load_weights(saver.last)
-            initial_epoch = saver.state["epoch"]
+        saver = checkpoint.Checkpointer(cfg.out_dir, settings=optimizer_settings(cfg))
+        initial_epoch = saver.restore(adv) if resuming else 0
+        if initial_epoch:
+            _, changes = resume_changes(saver.state, cfg)
+            if cfg.lr_schedule == "constant":  # the checkpoint's lr variable was loaded too
+                adv.optimizer.learning_rate = cfg.lr
             if cfg.verbose:
                 print(f"Resuming {cfg.out_dir} after epoch {initial_epoch}")
-    callbacks = [saver, keras.callbacks.CSVLogger(os.path.join(cfg.out_dir, "metrics.csv"),
-                                                  append=resuming)]
+            if changes and initial_epoch < cfg.epochs:
+                print(f"--resume: from epoch {initial_epoch + 1} on, training uses the changed "
+                      + ", ".join(changes))
+        elif resuming and cfg.verbose:
+            print(f"Resuming {cfg.out_dir}: no epoch was finished, starting from epoch 1")
+    train_ds = training_batches(cfg, info, initial_epoch)
     start = time.time()
     if initial_epoch < cfg.epochs:
         try:
             adv.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs,
-                    initial_epoch=initial_epoch, callbacks=callbacks, verbose=cfg.verbose)
+                    initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
+                    callbacks=[*callbacks, saver], verbose=cfg.verbose)
         except KeyboardInterrupt:
             saver.save_interrupted()
-            print(f"\nInterrupted: state saved in {cfg.out_dir}; rerun with --resume to continue.")
+            print(f"\nInterrupted: the last finished epoch ({saver.state['epoch']}) is kept in "
+                  f"{cfg.out_dir}; rerun with --resume to continue.")
             raise
     if saver.nan_epoch is not None:
         good = saver.state["epoch"]
+        kept = (f"the last good checkpoint (epoch {good}) is kept in {saver.ckpt_dir}" if good
+                else f"no epoch finished, so no checkpoint was written in {cfg.out_dir}")
         raise FloatingPointError(
-            f"The loss became NaN in epoch {saver.nan_epoch}; training stopped and the last "
-            f"good checkpoint (epoch {good}) is kept in {saver.ckpt_dir}. Lower --lr or "
-            f"check the data.")
-    return finish(cfg, info, adv, saver, time.time() - start)
+            f"The loss became NaN in epoch {saver.nan_epoch}; training stopped and {kept}. "
+            f"Lower --lr or check the data.")
+    trained_images = n_train * max(0, cfg.epochs - initial_epoch)
+    return finish(cfg, info, adv, saver, time.time() - start, trained_images, started)
 
 
-def finish(cfg, info, adv, saver, seconds):
-    """Exports the models and evaluates the final one on held-out test images."""
+def finish(cfg, info, adv, saver, seconds, trained_images=0, started=None):
+    """Exports the models and evaluates the final one on held-out test images.
+
+    `seconds` is the training time of this invocation (over `trained_images` images),
+    `started` the `time.time()` at which the run started (for the elapsed time).
+    """
     net = adv.model
+    if cfg.verbose:
+        print(f"Saving model.keras, best.keras and saved_model/ to {cfg.out_dir} ...")
     checkpoint.save_model(net, os.path.join(cfg.out_dir, "model.keras"))
     export(net, os.path.join(cfg.out_dir, "saved_model"), info.shape)
     final_weights = [w.numpy() for w in adv.weights]
@@ -312,11 +507,18 @@ def finish(cfg, info, adv, saver, seconds):
 
     x, y = data.load_arrays(cfg.dataset, f"test[:{cfg.test_images}]", cfg.data_dir)
     x = x.astype(np.float32) / 255.0
+    if cfg.verbose:
+        print(f"Evaluating on the first {len(y)} {cfg.dataset} test images: "
+              f"{', '.join(cfg.test_attacks)}")
+    eval_start = time.time()
     scores = evaluation.evaluate(net, x, y, cfg.test_attacks, eps=cfg.eps,
-                                 step_size=cfg.step_size, norm=cfg.norm, seed=cfg.seed)
+                                 step_size=cfg.step_size, norm=cfg.norm, seed=cfg.seed,
+                                 verbose=1 if cfg.verbose == 1 else 0)
+    eval_seconds = time.time() - eval_start
     result = {"defense": cfg.defense, "dataset": cfg.dataset, "model": cfg.model,
-              "eps": cfg.eps, "test_images": len(y), "epochs": saver.state["epoch"],
-              "train_seconds": round(seconds, 1),
+              "width": cfg.width, "eps": cfg.eps, "test_images": len(y),
+              "epochs": saver.state["epoch"], "train_seconds": round(seconds, 1),
+              "eval_seconds": round(eval_seconds, 1),
               **{name: s["accuracy"] for name, s in scores.items()}}
     by_loss = {name: s["by_loss"] for name, s in scores.items() if "by_loss" in s}
     if by_loss:  # auxiliary heads: each attack's accuracy per objective (adaptive evaluation)
@@ -333,6 +535,14 @@ def finish(cfg, info, adv, saver, seconds):
             print(f"{name} by attack loss (the table shows the per-image worst case): "
                   + ", ".join(f"{o} {a:.4f}" for o, a in accs.items()))
         print(f"Saved to {cfg.out_dir}: model.keras, best.keras, saved_model/, results.json")
+        if trained_images and seconds > 0:
+            print(f"Training: {trained_images} training images in {seconds:.0f} s "
+                  f"({trained_images / seconds:.1f} images/s, with per-epoch validation)")
+        print(f"Evaluation: {len(y)} images x {len(cfg.test_attacks)} attack(s) in "
+              f"{eval_seconds:.0f} s")
+        if started is not None:
+            elapsed = time.time() - started
+            print(f"Elapsed: {int(elapsed // 60)} min {elapsed % 60:.0f} s")
     return result
 
 

@@ -128,7 +128,7 @@ def run():
     from again_tf import attacks, data
     from again_tf.analysis import channels
     from again_tf.models.base import Classifier
-    from flags import definitions
+    from again_tf.cli import definitions
 
     model_file, run_info = resolve(FLAGS.model_path)
     dataset = FLAGS.dataset or run_info.get("dataset") or "fashion_mnist"

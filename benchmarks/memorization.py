@@ -55,7 +55,7 @@ def main(argv):
 
     from again_tf import data
     from again_tf.analysis import memorization
-    from flags import definitions
+    from again_tf.cli import definitions
 
     tf.get_logger().setLevel("ERROR")  # one retracing note per new model, not a problem
     info = data.info(FLAGS.dataset)

@@ -190,7 +190,7 @@ def test_train_py_mirrored_on_two_cpu_replicas(tmp_path):
         [sys.executable, "train.py", "--strategy=mirrored", "--cpu_replicas=2",
          "--sync_batchnorm", "--train_size=320", "--val_size=64", "--epochs=1",
          "--attack_steps=2", "--eval_steps=2", "--test_images=64", "--batch_size=64",
-         "--width=4", f"--out_dir={out}", "--verbose=2"],
+         "--model=small_cnn", "--width=4", f"--out_dir={out}", "--verbose=2"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MirroredStrategy with 2 replica(s), global batch 64" in proc.stdout

@@ -162,7 +162,7 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     (["--model=vgg"], "--model='vgg' is unknown"),
     (["--eps=8"], "--eps=8.0 is outside (0, 1]"),
     (["--eps=abc"], "--eps='abc' is not a number"),
-    (["--model=resnet18", "--width=8"], "--width=8 applies to --model=small_cnn only"),
+    (["--model=wrn34_10", "--width=8"], "--width=8 applies to --model=small_cnn/resnet18/preact_resnet18 only"),
     (["--defense_params=gamma=1"], "takes no hyper-parameter"),
     (["--data_dir=/nonexistent", "--dataset=cifar10"], "cifar10"),
 ])

@@ -67,8 +67,8 @@ def test_tune_py_two_trials_on_512_images(tmp_path):
     proc = subprocess.run(
         [sys.executable, "tune.py", "--defense=trades", "--tuner=bayesian", "--max_trials=2",
          "--search=beta,lr", "--train_size=512", "--val_size=128", "--epochs=1",
-         "--attack_steps=2", "--eval_steps=2", "--width=4", "--batch_size=64",
-         f"--out_dir={out}", "--verbose=0"],
+         "--attack_steps=2", "--eval_steps=2", "--model=small_cnn", "--width=4",
+         "--batch_size=64", f"--out_dir={out}", "--verbose=0"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())

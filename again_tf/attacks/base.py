@@ -1,6 +1,10 @@
 """What every attack shares: the model, the ε-ball, the [0, 1] box, BatchNorm mode, seeds."""
 
+import functools
+import warnings
+
 import keras
+import numpy as np
 import tensorflow as tf
 
 from again_tf.attacks import losses
@@ -8,6 +12,76 @@ from again_tf.models.base import forward
 
 NORMS = ("linf", "l2")
 _TINY = 1e-12
+
+
+def _host_array(t):
+    """`t` as a NumPy array, or None for a symbolic tensor (inside a `tf.function`)."""
+    if isinstance(t, np.ndarray):
+        return t
+    if tf.is_tensor(t):
+        return t.numpy() if hasattr(t, "numpy") and tf.executing_eagerly() else None
+    return np.asarray(t)
+
+
+def check_images(x, name="x"):
+    """Refuses images that are not finite floats in [0, 1]: one line naming the problem.
+
+    A host-side check of a batch before an attack or a training step: uint8 images or
+    images in 0..255 would otherwise be clipped to [0, 1] without a word. Symbolic
+    tensors (inside a `tf.function`) are left to the caller's in-graph checks.
+    """
+    a = _host_array(x)
+    if a is None:
+        return
+    if a.dtype.kind in "uib":
+        raise ValueError(f"`{name}` holds {a.dtype} images; expected float images in [0, 1] "
+                         f"(divide by 255)")
+    if a.dtype.kind != "f":
+        raise ValueError(f"`{name}` holds {a.dtype} values; expected float images in [0, 1]")
+    if not a.size:
+        return
+    if not np.isfinite(a).all():
+        raise ValueError(f"`{name}` holds {int(np.size(a) - np.isfinite(a).sum())} NaN or "
+                         f"infinite pixel values; expected finite images in [0, 1]")
+    low, high = float(a.min()), float(a.max())
+    if high > 1.0:
+        raise ValueError(f"`{name}` holds values up to {high:g}; expected images in [0, 1]"
+                         + (" (divide by 255)" if high > 2.0 else ""))
+    if low < 0.0:
+        raise ValueError(f"`{name}` holds values down to {low:g}; expected images in [0, 1] "
+                         f"(normalization belongs inside the model)")
+
+
+def check_labels(y, num_classes, name="y"):
+    """Refuses labels that are not integer class indices in [0, num_classes), shape (batch,)."""
+    a = _host_array(y)
+    if a is None:
+        return
+    if a.ndim != 1:
+        raise ValueError(f"`{name}` has shape {a.shape}; expected class indices of shape "
+                         f"(batch,)" + (" (one-hot labels: take their argmax)"
+                                        if a.ndim == 2 else ""))
+    if a.dtype.kind == "f" and a.size and not np.all(np.floor(a) == a):
+        raise ValueError(f"`{name}` holds non-integer values; expected class indices")
+    if a.dtype.kind not in "uif":
+        raise ValueError(f"`{name}` holds {a.dtype} values; expected integer class indices")
+    if a.size and num_classes and (a.min() < 0 or a.max() >= num_classes):
+        raise ValueError(f"`{name}` holds labels in [{int(a.min())}, {int(a.max())}]; the "
+                         f"model has {num_classes} classes, so expected labels in "
+                         f"[0, {num_classes})")
+
+
+def looks_like_probabilities(outputs):
+    """True if every row is in [0, 1] and sums to 1: softmax outputs, not logits."""
+    a = np.asarray(outputs, dtype=np.float64)
+    return bool(a.ndim == 2 and a.shape[1] > 1 and a.size and a.min() >= 0.0
+                and a.max() <= 1.0 and np.allclose(a.sum(axis=1), 1.0, atol=1e-3))
+
+
+PROBABILITIES_WARNING = (
+    "the model's outputs look like probabilities (each row in [0, 1], summing to 1); "
+    "again_tf expects logits: remove the final softmax, or attacks and training losses "
+    "are computed on the wrong quantity")
 
 
 def _per_example_norm(t):
@@ -102,6 +176,19 @@ class Attack:
     input instead.
     """
 
+    def __init_subclass__(cls, **kwargs):
+        # Every attack's own __call__ (SubsetAttack's...) checks its inputs first too.
+        super().__init_subclass__(**kwargs)
+        call = cls.__dict__.get("__call__")
+        if call is not None and not getattr(call, "_checks_inputs", False):
+            @functools.wraps(call)
+            def checked(self, x, y, *args, **kwargs):
+                self.check_inputs(x, y)
+                return call(self, x, y, *args, **kwargs)
+
+            checked._checks_inputs = True
+            cls.__call__ = checked
+
     def __init__(self, model, eps, norm="linf", loss="ce", targeted=False, training=False,
                  seed=None, jit_compile=False):
         if not 0.0 < float(eps) <= 1.0:
@@ -117,6 +204,25 @@ class Attack:
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.jit_compile = bool(jit_compile)
         self._compiled = None
+        self._num_classes = None
+
+    def check_inputs(self, x, y):
+        """Host-side checks of one call's batch (not in the compiled attack loop): images
+        finite in [0, 1], labels in [0, classes); warns once if the model outputs
+        probabilities. Raises ValueError in one line."""
+        if y is None:
+            return  # __call__ says why
+        check_images(x)
+        if self._num_classes is None:
+            a = _host_array(x)
+            if a is None or not len(a):
+                return
+            # One image, inference mode: the number of classes, and a softmax at the end?
+            out = forward(self.model, tf.convert_to_tensor(a[:1], tf.float32))["logits"]
+            self._num_classes = int(out.shape[-1])
+            if looks_like_probabilities(out):
+                warnings.warn(f"{type(self).__name__}: {PROBABILITIES_WARNING}", stacklevel=3)
+        check_labels(y, self._num_classes)
 
     def logits(self, x):
         return forward(self.model, x, training=self.training)["logits"]
@@ -167,6 +273,7 @@ class Attack:
         if y is None:
             raise ValueError("Attacks need the labels `y` (targets when targeted=True); "
                              "they never fall back to the model's predictions.")
+        self.check_inputs(x, y)
         if self._compiled is None:
             self._compiled = tf.function(
                 lambda a, b: self.perturb(a, b), jit_compile=self.jit_compile,

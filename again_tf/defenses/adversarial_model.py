@@ -1,9 +1,14 @@
 """`AdversarialModel`: any Keras classifier, trained by `fit` on adversarial examples."""
 
+import warnings
+
 import keras
+import numpy as np
 import tensorflow as tf
 
 from again_tf.attacks import losses, objectives
+from again_tf.attacks.base import (PROBABILITIES_WARNING, check_images, check_labels,
+                                   looks_like_probabilities)
 from again_tf.attacks.pgd import PGD
 from again_tf.defenses import registry
 from again_tf.defenses.base import Objective
@@ -50,9 +55,13 @@ class AdversarialModel(keras.Model):
         norm: "linf" or "l2".
         eval_steps: PGD steps of the validation attack (0 disables it). Default 10.
         eval_step_size: its step. Default `step_size`.
-        attack_training: BatchNorm mode of the training attack (default inference mode,
-            as in the AWP and TRADES code's `model.eval()` during the attack); the
-            model's statistics are never changed by the attack either way.
+        attack_training: BatchNorm mode of the training attack. Default False:
+            inference mode, as the TRADES, MART, TRADES-AWP (trades_AWP), CAS, CIFS and
+            AGAIN code (`model.eval()` during the attack). True: batch statistics, as the
+            AWP repository's AT_AWP/train_cifar10.py (its PGD-AT and AT-AWP), which calls
+            `model.train()` only after `attack_pgd` (`--attack_training` in their
+            recipes). The attack never changes the model's running statistics here; the
+            official train-mode attack also folds every attack iterate into them.
         weight_decay: coupled L2 decay added to every gradient, `g + wd·w`, for all
             trainable variables of `model`, as `torch.optim.SGD(weight_decay=...)` in the papers'
             code does (Keras' own optimizer `weight_decay` is decoupled, a different
@@ -100,6 +109,11 @@ class AdversarialModel(keras.Model):
             self.eval_attack = PGD(model, self.eps, self.eval_step_size, self.eval_steps,
                                    norm=norm, seed=None if seed is None else seed + 1)
         trained_on = "adv_accuracy" if self.objective.uses_attack else "accuracy"
+        if getattr(model, "inserts", None):
+            # Label-conditioned masks (ASE, CAS) see the true labels while training, so this
+            # number runs near 1.0 and is no robustness: the name says so. The inference-path
+            # robust accuracy is val_robust_accuracy.
+            trained_on += "_label_masked"
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name=trained_on)
         self.val_accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
@@ -145,6 +159,11 @@ class AdversarialModel(keras.Model):
         They run before the caller's callbacks, so that a checkpoint or logger called at an
         epoch's end sees the defense's state after that epoch (e.g. updated class weights).
         """
+        if isinstance(x, tf.data.Dataset):
+            # A dataset shuffles itself (`data.pipeline`); Keras' default shuffle=True
+            # would only warn that it is ignored.
+            kwargs.setdefault("shuffle", False)
+        self._check_fit_inputs(x, y)
         callbacks = list(callbacks or [])
         if not any(isinstance(c, EpochCallback) for c in callbacks):
             callbacks = self.callbacks(kwargs.get("validation_data")) + callbacks
@@ -187,7 +206,65 @@ class AdversarialModel(keras.Model):
     def metrics(self):
         return [self.loss_tracker, self.accuracy_tracker, self.val_accuracy, self.robust_accuracy]
 
+    def num_classes(self):
+        """The classifier's number of logits, or None where it cannot be read statically."""
+        n = getattr(self.model, "num_classes", None)
+        if n is None:
+            try:
+                n = self.model.output_shape[-1]
+            except (AttributeError, ValueError, TypeError, IndexError):
+                return None
+        return int(n) if n else None
+
+    def _check_fit_inputs(self, x, y):
+        """Before training, on the host: NumPy images and labels are checked whole (a
+        dataset is checked batch by batch in the steps), and a model whose outputs look
+        like probabilities is reported once."""
+        if isinstance(x, np.ndarray):
+            check_images(x)
+            if y is not None:
+                check_labels(y, self.num_classes())
+        shape = getattr(self, "_checked_input_shape", None)
+        if (shape is not None and all(isinstance(d, int) for d in shape)
+                and not getattr(self, "_probabilities_checked", False)):
+            self._probabilities_checked = True
+            probe = np.random.default_rng(0).uniform(size=(4,) + tuple(shape)).astype("float32")
+            if looks_like_probabilities(forward(self.model, probe, training=False)["logits"]):
+                warnings.warn(f"AdversarialModel: {PROBABILITIES_WARNING}", stacklevel=3)
+
+    def _checked_batch(self, x, y):
+        """The batch, after in-graph checks: images finite in [0, 1] and labels in
+        [0, classes). A few reductions per step, outside the attack loop; the dtype is
+        checked at trace time. (Under XLA, TensorFlow drops the assertions.)"""
+        if not x.dtype.is_floating:
+            raise ValueError(f"AdversarialModel received {x.dtype.name} images; expected float "
+                             f"images in [0, 1] (divide by 255)")
+        x = tf.cast(x, tf.float32)
+        checks = [
+            tf.debugging.assert_all_finite(
+                x, "AdversarialModel: the images hold NaN or infinite values; expected "
+                   "finite images in [0, 1]"),
+            tf.debugging.assert_less_equal(
+                tf.reduce_max(x), 1.0, message="AdversarialModel: the images hold values "
+                "above 1; expected images in [0, 1] (divide by 255)"),
+            tf.debugging.assert_greater_equal(
+                tf.reduce_min(x), 0.0, message="AdversarialModel: the images hold negative "
+                "values; expected images in [0, 1] (normalization belongs in the model)"),
+        ]
+        classes = self.num_classes()
+        if classes:
+            labels = tf.cast(y, tf.int64)
+            checks.append(tf.debugging.assert_non_negative(
+                labels, message="AdversarialModel: negative labels; expected labels in "
+                f"[0, {classes})"))
+            checks.append(tf.debugging.assert_less(
+                labels, tf.constant(classes, tf.int64), message="AdversarialModel: labels "
+                f"of {classes} or more; the model has {classes} classes"))
+        with tf.control_dependencies(checks):
+            return tf.identity(x)
+
     def build(self, input_shape):
+        self._checked_input_shape = tuple(input_shape)[1:]
         if not self.model.built:
             self.model.build(input_shape)
         for piece in [self.objective] + self.modifiers:
@@ -235,7 +312,7 @@ class AdversarialModel(keras.Model):
             if index is None:
                 raise ValueError(f"Defense {self.defense_name!r} needs (x, y, index) batches "
                                  f"(again_tf.data.load(..., with_index=True)); received (x, y)")
-        x = tf.convert_to_tensor(x, tf.float32)
+        x = self._checked_batch(tf.convert_to_tensor(x), y)
         if not self.built:  # Keras builds on the first trace when no strategy is set
             self.build(tuple(x.shape))
         self.objective.before_attack(self, x, y)
@@ -269,7 +346,7 @@ class AdversarialModel(keras.Model):
 
     def test_step(self, data):
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
-        x = tf.convert_to_tensor(x, tf.float32)
+        x = self._checked_batch(tf.convert_to_tensor(x), y)
         if not self.built:
             self.build(tuple(x.shape))
         outputs = forward(self.model, x, training=False)
