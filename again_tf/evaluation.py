@@ -173,11 +173,18 @@ def predictions(predict, x, batch_size=256):
                            for i in range(0, len(x), batch_size)])
 
 
-def _with_objective(attack, loss_fn):
-    """`attack` called with a custom objective, compiled once per attack."""
+def _with_objective(attack, loss_fn, x, y):
+    """`attack` called with a custom objective, compiled once per attack and objective.
+
+    The batch dimension is left free, so the last, smaller batch reuses the same graph
+    (one trace per objective: no retracing warnings from TensorFlow).
+    """
     cache = attack.__dict__.setdefault("_objective_fns", {})
     if id(loss_fn) not in cache:
-        spec_fn = tf.function(lambda a, b: attack.perturb(a, b, loss_fn), reduce_retracing=True)
+        signature = [tf.TensorSpec((None,) + tuple(x.shape[1:]), tf.float32),
+                     tf.TensorSpec((None,), tf.as_dtype(np.asarray(y).dtype))]
+        spec_fn = tf.function(lambda a, b: attack.perturb(a, b, loss_fn),
+                              input_signature=signature)
         cache[id(loss_fn)] = (loss_fn, spec_fn)
     return cache[id(loss_fn)][1]
 
@@ -188,7 +195,7 @@ def adversarial(attack, x, y, batch_size=256, loss_fn=None, progress=None):
     `loss_fn(x_adv, y)` replaces the attack's own loss (attacks that follow the logits,
     FAB, Square, C&W-L2, ignore it); `progress` is a `keras.utils.Progbar` to advance.
     """
-    call = attack if loss_fn is None else _with_objective(attack, loss_fn)
+    call = attack if loss_fn is None else _with_objective(attack, loss_fn, x, y)
     out = []
     for i in range(0, len(x), batch_size):
         xb = tf.constant(x[i:i + batch_size])
