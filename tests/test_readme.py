@@ -102,7 +102,7 @@ def test_python_blocks_run_in_order(shrunk):
 
 def _check_script_commands(script, commands, tmp_path):
     """Parses each command's flags with `script`'s definitions and validates the config."""
-    argvs = [shlex.split(c)[1:] for c in commands]
+    argvs = [shlex.split(c, comments=True)[1:] for c in commands]
     code = textwrap.dedent(f"""
         import json, os, sys
         sys.argv = [{script!r}]
@@ -116,11 +116,14 @@ def _check_script_commands(script, commands, tmp_path):
                 continue  # help is tested in tests/test_cli.py
             flags.FLAGS.unparse_flags()
             try:
+                if "parse_args" in module:  # an argparse script
+                    module["parse_args"](argv[1:])
+                    continue
                 flags.FLAGS(argv)
                 check = module.get("check_flags")
                 if check is not None:
                     check()
-            except Exception as e:  # one line per failing command
+            except (Exception, SystemExit) as e:  # one line per failing command
                 failures.append(" ".join(argv) + " -> " + type(e).__name__ + ": " + str(e))
         print(json.dumps(failures))
     """)
