@@ -459,6 +459,14 @@ def test_adversarial_model_refuses_bad_batches(tiny_net):
                                                 np.arange(4))).batch(2)
     with pytest.raises(ValueError, match="uint8 images"):
         adv.fit(uint8, epochs=1, verbose=0)
+    # Nothing attacked (`none`, no validation attack): any finite features train, as in
+    # plain Keras (the memorization estimates use this); NaN is still refused.
+    plain = AdversarialModel(tiny_net, defense="none", eval_steps=0)
+    plain.compile(optimizer="adam")
+    plain.fit(IMAGES * 255 - 10, np.arange(4), epochs=1, verbose=0)
+    nan = tf.data.Dataset.from_tensor_slices((IMAGES * np.nan, np.arange(4))).batch(2)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="NaN"):
+        plain.fit(nan, epochs=1, verbose=0)
 
 
 # ------------------------------------------------------------------- command lines

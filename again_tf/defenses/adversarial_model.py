@@ -220,7 +220,7 @@ class AdversarialModel(keras.Model):
         """Before training, on the host: NumPy images and labels are checked whole (a
         dataset is checked batch by batch in the steps), and a model whose outputs look
         like probabilities is reported once."""
-        if isinstance(x, np.ndarray):
+        if isinstance(x, np.ndarray) and self._attacks_inputs():
             check_images(x)
             if y is not None:
                 check_labels(y, self.num_classes())
@@ -232,10 +232,16 @@ class AdversarialModel(keras.Model):
             if looks_like_probabilities(forward(self.model, probe, training=False)["logits"]):
                 warnings.warn(f"AdversarialModel: {PROBABILITIES_WARNING}", stacklevel=3)
 
+    def _attacks_inputs(self):
+        # The attacks clip to [0, 1]; without one (`none`, no validation attack) the inputs
+        # may be any finite features, as for a plain Keras model.
+        return self.objective.uses_attack or self.eval_attack is not None
+
     def _checked_batch(self, x, y):
-        """The batch, after in-graph checks: images finite in [0, 1] and labels in
-        [0, classes). A few reductions per step, outside the attack loop; the dtype is
-        checked at trace time. (Under XLA, TensorFlow drops the assertions.)"""
+        """The batch, after in-graph checks: images finite (and in [0, 1] when they are
+        attacked) and labels in [0, classes). A few reductions per step, outside the
+        attack loop; the dtype is checked at trace time. (Under XLA, TensorFlow drops the
+        assertions.)"""
         if not x.dtype.is_floating:
             raise ValueError(f"AdversarialModel received {x.dtype.name} images; expected float "
                              f"images in [0, 1] (divide by 255)")
@@ -243,14 +249,17 @@ class AdversarialModel(keras.Model):
         checks = [
             tf.debugging.assert_all_finite(
                 x, "AdversarialModel: the images hold NaN or infinite values; expected "
-                   "finite images in [0, 1]"),
-            tf.debugging.assert_less_equal(
-                tf.reduce_max(x), 1.0, message="AdversarialModel: the images hold values "
-                "above 1; expected images in [0, 1] (divide by 255)"),
-            tf.debugging.assert_greater_equal(
-                tf.reduce_min(x), 0.0, message="AdversarialModel: the images hold negative "
-                "values; expected images in [0, 1] (normalization belongs in the model)"),
-        ]
+                   "finite images in [0, 1]")]
+        if self._attacks_inputs():
+            checks += [
+                tf.debugging.assert_less_equal(
+                    tf.reduce_max(x), 1.0, message="AdversarialModel: the images hold values "
+                    "above 1; expected images in [0, 1] (divide by 255)"),
+                tf.debugging.assert_greater_equal(
+                    tf.reduce_min(x), 0.0, message="AdversarialModel: the images hold "
+                    "negative values; expected images in [0, 1] (normalization belongs in "
+                    "the model)"),
+            ]
         classes = self.num_classes()
         if classes:
             labels = tf.cast(y, tf.int64)
