@@ -28,9 +28,9 @@ choose their channel masks from their own auxiliary heads, and an attack on the 
 head alone overstates their robustness (`attacks.objectives`). For a model with
 auxiliary heads every attack that takes a custom loss (fgsm, pgdK, cw, tpgd, apgd-ce,
 apgd-dlr) runs once per objective of `ADAPTIVE` — "main" (its own loss on the main
-logits), "combined" (ℓ(main) + β·mean_h ℓ(aux_h), β = `aux_weight` = 2 as in training)
-"aux" (mean_h ℓ(aux_h)), ℓ being the attack's own loss (CE, C&W margin, DLR,
-temperature CE), and "main_relaxed", "combined_relaxed": the same losses with the
+logits), "combined" (ℓ(main) + β·mean_h ℓ(aux_h), β = the model's `aux_weight`, the β
+it was trained with, default 2), "aux" (mean_h ℓ(aux_h)), ℓ being the attack's own loss
+(CE, C&W margin, DLR, temperature CE), and "main_relaxed", "combined_relaxed": the same losses with the
 gradient taken through the argmax that picks each mask (a straight-through softmax at
 temperature `RELAX_TEMPERATURE` = 1, our choice: BPDA, Athalye et al., ICML 2018; the
 loss values are the real model's) — and an example counts as robust only if it is
@@ -56,6 +56,7 @@ import tensorflow as tf
 from again_tf import catalog
 from again_tf.attacks import losses, objectives
 from again_tf.attacks.apgd import APGD, APGDT
+from again_tf.attacks.base import Attack
 from again_tf.attacks.autoattack import COMPONENTS, AutoAttack, build_component
 from again_tf.attacks.cw import CWL2
 from again_tf.attacks.pgd import FGSM, PGD
@@ -206,9 +207,29 @@ def adversarial(attack, x, y, batch_size=256, loss_fn=None, progress=None):
     return np.concatenate(out) if out else np.zeros_like(x)
 
 
+def _named_attack(item, model, eps, step_size, norm, seed, options):
+    """(results key, attack) of an entry of `evaluate`'s `attacks`: a name, or an attack
+    object (`Attack`, `AutoAttack`) built on `model`, keyed by its repr."""
+    if isinstance(item, str):
+        return item, parse_attack(item, model, eps, step_size, norm, seed, **options)
+    if not isinstance(item, (Attack, AutoAttack)):
+        raise ValueError(f"`attacks` holds {item!r}; expected attack names ({ATTACK_NAMES}) "
+                         f"or again_tf.attacks objects")
+    if item.model is not model:
+        raise ValueError(f"`attacks` holds {item!r}, built on another model than the one "
+                         f"evaluated; build it on `model`")
+    return repr(item), item
+
+
+def trained_aux_weight(model):
+    """β the model's auxiliary heads were trained with, else the papers' 2.0."""
+    beta = getattr(model, "aux_weight", None)
+    return objectives.DEFAULT_AUX_WEIGHT if beta is None else float(beta)
+
+
 def evaluate(model, x, y, attacks=("clean", "pgd20"), eps=8 / 255, step_size=None,
              batch_size=256, norm="linf", seed=0, verbose=0, loss="adaptive",
-             aux_weight=objectives.DEFAULT_AUX_WEIGHT, **options):
+             aux_weight=None, **options):
     """Accuracy of `model` on `(x, y)` under each named attack.
 
     Returns a dict `{attack name: {"accuracy": float, "correct": bool array,
@@ -232,8 +253,9 @@ def evaluate(model, x, y, attacks=("clean", "pgd20"), eps=8 / 255, step_size=Non
         loss: "adaptive" (default: the worst case over `ADAPTIVE` for a model with
             auxiliary heads, else "main") or one key of `OBJECTIVES` ("main", "combined",
             "aux"; "aux" needs auxiliary heads).
-        aux_weight: β of the "combined" objective. Default 2.0 (the AGAIN and CAS
-            papers' and training's β).
+        aux_weight: β of the "combined" objective. Default: the β the model's heads were
+            trained with (`Classifier.aux_weight`, saved with the model), else 2.0 (the
+            AGAIN and CAS papers' β).
         **options: attack options (`DEFAULT_OPTIONS`), e.g. n_iter=100, n_queries=5000.
 
     Example:
@@ -243,6 +265,8 @@ def evaluate(model, x, y, attacks=("clean", "pgd20"), eps=8 / 255, step_size=Non
     if loss not in loss_modes():
         raise ValueError(f"Unknown attack objective loss={loss!r}. Expected one of: "
                          f"{', '.join(loss_modes())}")
+    if aux_weight is None:
+        aux_weight = trained_aux_weight(model)
     y = np.asarray(y)
     x = np.asarray(x, np.float32)
     heads = objectives.num_aux_heads(model, x) if len(x) and loss in ("adaptive", "aux") else 0
@@ -253,8 +277,8 @@ def evaluate(model, x, y, attacks=("clean", "pgd20"), eps=8 / 255, step_size=Non
         ["main"] if loss == "adaptive" else [loss])
     predict = predictor(model)
     results = {}
-    for name in attacks:
-        attack = parse_attack(name, model, eps, step_size, norm, seed, **options)
+    for item in attacks:
+        name, attack = _named_attack(item, model, eps, step_size, norm, seed, options)
         start = time.time()
         entry, by_pred = {}, None
         if attack is None:
@@ -271,8 +295,8 @@ def evaluate(model, x, y, attacks=("clean", "pgd20"), eps=8 / 255, step_size=Non
         elif takes_objective(attack):
             by_pred = {}
             for i, objective in enumerate(names):
-                atk = attack if i == 0 else parse_attack(name, model, eps, step_size, norm,
-                                                         seed, **options)
+                atk = (attack if i == 0 or not isinstance(item, str)
+                       else parse_attack(name, model, eps, step_size, norm, seed, **options))
                 bar = keras.utils.Progbar(len(x), unit_name="image") if verbose else None
                 if verbose:
                     print(f"{name}: {atk!r}" + (f", {objective} loss" if len(names) > 1

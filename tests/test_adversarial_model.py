@@ -84,6 +84,11 @@ def test_names_and_bad_hyperparameters():
         AdversarialModel(tiny_net(), defense="bogus")
     with pytest.raises(ValueError, match="takes no hyper-parameter"):
         AdversarialModel(tiny_net(), defense="pgd_at", gamma=3.0)
+    # The defense owns the loss: a Keras loss or metric would be silently unused.
+    adv = AdversarialModel(tiny_net(), defense="trades")
+    with pytest.raises(ValueError, match=r"loss, metrics would not be used.*'trades'"):
+        adv.compile(optimizer="adam", loss="mse", metrics=["accuracy"])
+    adv.compile(optimizer="adam", jit_compile=False)
 
 
 def test_pgd_at_beats_standard_training_on_fashion_mnist(fashion_train, fashion_test):
@@ -156,3 +161,36 @@ def test_xla_train_and_test_steps_trace_once():
     adv.fit(x, y, batch_size=16, epochs=2, verbose=0, validation_data=(x, y))
     assert len(traces) == first
     assert any(not np.allclose(a, v.numpy()) for a, v in zip(w, adv.model.trainable_variables))
+
+
+@pytest.mark.parametrize("make", [
+    lambda net: AdversarialModel(net, defense="again_pgd", eps=0.1, steps=1, eval_steps=1,
+                                 ase_alpha=0.5, hff=1),
+    lambda net: AdversarialModel(net, defense="cas", eps=0.1, steps=1, eval_steps=1),
+    lambda net: AdversarialModel(net, defense=defenses.TRADES(beta=1.0, aux_weight=3.0),
+                                 modifiers=[defenses.CAS(), defenses.AWP(gamma=0.003)],
+                                 eps=0.1, steps=1, eval_steps=1),
+], ids=["again_pgd", "cas", "trades_cas_awp_objects"])
+def test_a_saved_adversarial_model_loads_back_the_same(make, tmp_path):
+    # The headline defenses insert layers, and a defense built from objects carries its
+    # own hyper-parameters: both come back from a .keras file as they were saved.
+    keras.utils.set_random_seed(0)
+    adv = make(models.build("small_cnn", 10, width=4))
+    adv.compile(optimizer=keras.optimizers.Adam(1e-3))
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(size=(16, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, 16)
+    adv.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    adv.save(tmp_path / "adv.keras")
+    back = keras.saving.load_model(tmp_path / "adv.keras")
+    assert back.defense_name == adv.defense_name
+    for mine, theirs in zip([adv.objective] + adv.modifiers, [back.objective] + back.modifiers,
+                            strict=True):
+        assert type(theirs) is type(mine) and theirs.get_config() == mine.get_config()
+    assert sorted(back.model.inserts) == sorted(adv.model.inserts)
+    # β of the heads travels with the classifier: evaluation attacks the trained loss.
+    beta = adv.objective.aux_weight if adv.model.inserts else None
+    assert back.model.aux_weight == beta
+    assert evaluation.trained_aux_weight(back.model) == (beta or 2.0)
+    np.testing.assert_allclose(back.model(x, training=False), adv.model(x, training=False),
+                               atol=1e-5)
+    back.fit(x, y, batch_size=8, epochs=1, verbose=0)  # and trains on

@@ -1,5 +1,6 @@
 """Tests of C&W-L2, Temperature-PGD and the extended `again_tf.evaluation` API."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -177,3 +178,19 @@ def test_subset_attack_labels_dtype(trained_cnn, batch):
     a = attack(x[:8], y[:8].astype(np.int64)).numpy()
     b = attack(tf.constant(x[:8]), tf.constant(y[:8], tf.int32)).numpy()
     assert a.shape == b.shape == x[:8].shape
+
+
+def test_evaluate_takes_attack_objects(trained_cnn, batch):
+    x, y = batch
+    by_name = evaluation.evaluate(trained_cnn, x, y, ["pgd5"], eps=0.1, step_size=0.025)
+    attack = PGD(trained_cnn, 0.1, 0.025, 5, seed=0)
+    by_object = evaluation.evaluate(trained_cnn, x, y, ["clean", attack], eps=0.1)
+    assert list(by_object) == ["clean", repr(attack)]
+    np.testing.assert_array_equal(by_object[repr(attack)]["correct"], by_name["pgd5"]["correct"])
+    assert by_object[repr(attack)]["accuracy"] < by_object["clean"]["accuracy"]
+    other = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(10)])
+    with pytest.raises(ValueError, match="another model"):
+        evaluation.evaluate(trained_cnn, x, y, [PGD(other, 0.1, 0.025, 5)])
+    with pytest.raises(ValueError, match="expected attack names"):
+        evaluation.evaluate(trained_cnn, x, y, [5])

@@ -196,6 +196,7 @@ def test_config_round_trip(arch):
                            inserts={"penultimate": ScaleWithAuxHead(3)})
     config = model.get_config()
     params = set(inspect.signature(type(model).__init__).parameters) - {"self", "kwargs"}
+    params |= {"aux_weight"}  # Classifier's, passed on through **kwargs
     assert params <= set(config)
     assert set(config) - params <= {"name", "trainable", "dtype"}
     clone = type(model).from_config(config)

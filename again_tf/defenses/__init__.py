@@ -1,9 +1,12 @@
 """Defenses: an objective (what to train on, which loss) composed with modifiers."""
 
 from again_tf.defenses.adversarial_model import AdversarialModel, EpochCallback
+from again_tf.defenses.ase import ASE
 from again_tf.defenses.awp import AWP
 from again_tf.defenses.base import Modifier, Objective, head_loss
 from again_tf.defenses.bat import BAT
+from again_tf.defenses.cas import CAS
+from again_tf.defenses.cifs import CIFS
 from again_tf.defenses.classwise import ClasswiseWeights, tune_logit_offset
 from again_tf.defenses.fat import FAT, FATTRADES, EarlyStoppedPGD
 from again_tf.defenses.las_at import LASAT, PolicyPGD, StrategyNet

@@ -32,6 +32,23 @@ class EpochCallback(keras.callbacks.Callback):
             piece.set_epoch(epoch)
 
 
+def _already_inserted(model, layers):
+    """True if `model` holds, at every point of `layers`, a layer of the same class and
+    configuration: the classifier of a saved AdversarialModel comes back with them."""
+    def setting(config):  # without a built sub-layer's input shape and Keras' saving ids
+        if isinstance(config, dict):
+            return {k: setting(v) for k, v in config.items()
+                    if k not in ("build_config", "shared_object_id")}
+        if isinstance(config, (list, tuple)):
+            return [setting(v) for v in config]
+        return config
+
+    existing = getattr(model, "inserts", None) or {}
+    return all(point in existing and type(existing[point]) is type(layer)
+               and setting(existing[point].get_config()) == setting(layer.get_config())
+               for point, layer in layers.items())
+
+
 @keras.saving.register_keras_serializable(package="again_tf")
 class AdversarialModel(keras.Model):
     """Wraps a classifier so that `fit` trains it with a defense and `evaluate` attacks it.
@@ -124,6 +141,8 @@ class AdversarialModel(keras.Model):
             layers = m.inserts(self.model)
             if not layers:
                 continue
+            if _already_inserted(self.model, layers):
+                continue  # a reloaded model (load_model, from_config) holds them already
             if not isinstance(self.model, Classifier) or self.model.built:
                 raise ValueError(
                     f"Modifier {m.name!r} inserts layers, which needs an unbuilt "
@@ -134,6 +153,9 @@ class AdversarialModel(keras.Model):
                                  f"model already has a layer")
             self.model.inserts.update(layers)
             self.model._check_inserts()
+        if isinstance(self.model, Classifier) and self.model.inserts:
+            # Saved with the classifier: evaluation attacks the loss it was trained on.
+            self.model.aux_weight = getattr(self.objective, "aux_weight", None)
 
     @property
     def uses_index(self):
@@ -151,6 +173,30 @@ class AdversarialModel(keras.Model):
         for p in pieces:
             out += list(p.make_callbacks(self, validation_data))
         return out
+
+    def compile(self, optimizer="rmsprop", loss=None, metrics=None, **kwargs):
+        """`keras.Model.compile` for the optimizer (and `jit_compile`, ...). The defense
+        owns the loss and the logged accuracies, so `loss`, `metrics` and
+        `weighted_metrics` are refused rather than silently unused."""
+        given = [name for name, value in (("loss", loss), ("metrics", metrics),
+                                          ("weighted_metrics", kwargs.get("weighted_metrics")))
+                 if value is not None]
+        if given:
+            raise ValueError(
+                f"AdversarialModel.compile: {', '.join(given)} would not be used: the defense "
+                f"({self.defense_name!r}) owns the loss and logs its own accuracies; pass only "
+                f"the optimizer (choose the loss with `defense=`)")
+        super().compile(optimizer=optimizer, **kwargs)
+
+    def get_compile_config(self):
+        return super().get_compile_config()
+
+    def compile_from_config(self, config):
+        """Compiles a loaded model as it was saved (Keras skips this for a model whose
+        `compile` is overridden unless these two are too)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
 
     def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None,
             **kwargs):
@@ -390,11 +436,30 @@ class AdversarialModel(keras.Model):
         return step_logs(result)
 
     def get_config(self):
+        """The classifier, the settings, and the defense as its pieces: each objective's
+        and modifier's own configuration, so a model built from objects
+        (`defense=TRADES(beta=1.0), modifiers=[AWP()]`) comes back the same."""
         config = super().get_config()
         config.update(
             model=keras.saving.serialize_keras_object(self.model),
             defense=self.defense_name, eps=self.eps, step_size=self.step_size,
             steps=self.steps, norm=self.norm, eval_steps=self.eval_steps,
             eval_step_size=self.eval_step_size, attack_training=self.attack_training,
-            weight_decay=self.weight_decay, seed=self.seed, **self.hparams)
+            weight_decay=self.weight_decay, seed=self.seed,
+            pieces={"objective": keras.saving.serialize_keras_object(self.objective),
+                    "modifiers": [keras.saving.serialize_keras_object(m)
+                                  for m in self.modifiers]})
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        pieces = config.pop("pieces", None)
+        if pieces is None:  # an older file: the defense's name and its hyper-parameters
+            return cls(**config)
+        name = config.pop("defense")
+        objective = keras.saving.deserialize_keras_object(pieces["objective"])
+        modifiers = [keras.saving.deserialize_keras_object(m) for m in pieces["modifiers"]]
+        adv = cls(defense=objective, modifiers=modifiers, **config)
+        adv.defense_name = name
+        return adv

@@ -16,6 +16,7 @@ on the inference path (those layers then use their own predicted class).
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 PENULTIMATE = "penultimate"
@@ -92,28 +93,41 @@ class Classifier(keras.Model):
         std: per-channel standard deviation, same units. `(x - mean) / std` runs inside
             the model, so the model's input is always an image in [0, 1].
         inserts: dict from insertion-point name (see `points`) to a layer.
+        aux_weight: β of the combined loss CE(main) + β·mean CE(aux) that inserted
+            auxiliary heads were trained with (`AdversarialModel` sets it from its
+            objective), so that an evaluation attacks the loss the model was trained on.
+            None: no heads, or unknown (evaluation then uses 2, the papers' β).
 
     Input shape: `(batch, height, width, channels)`, float32 in [0, 1].
     Output shape: `(batch, num_classes)` logits.
     """
 
-    def __init__(self, num_classes, mean=(0.0,), std=(1.0,), inserts=None, **kwargs):
+    def __init__(self, num_classes, mean=(0.0,), std=(1.0,), inserts=None, aux_weight=None,
+                 **kwargs):
         super().__init__(**kwargs)
         if int(num_classes) < 2:
             raise ValueError(f"Expected `num_classes` >= 2. Received: num_classes={num_classes}")
         self.num_classes = int(num_classes)
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
+        try:  # a scalar is one value for every channel
+            self.mean = tuple(float(m) for m in np.atleast_1d(mean))
+            self.std = tuple(float(s) for s in np.atleast_1d(std))
+        except (TypeError, ValueError):
+            raise ValueError(f"Expected numbers (one per channel, or one for all) as `mean` "
+                             f"and `std`. Received: mean={mean!r}, std={std!r}") from None
+        self.aux_weight = None if aux_weight is None else float(aux_weight)
         if len(self.mean) != len(self.std) or min(self.std) <= 0:
             raise ValueError(
                 f"Expected `mean` and `std` of equal length with std > 0. "
                 f"Received: mean={self.mean}, std={self.std}")
         self.normalizer = Standardize(self.mean, self.std, name="normalize")
         self.inserts = {}
-        for point, layer in (inserts or {}).items():
-            if isinstance(layer, dict):
-                layer = keras.saving.deserialize_keras_object(layer)
-            self.inserts[point] = layer
+        given = {point: keras.saving.deserialize_keras_object(layer)
+                 if isinstance(layer, dict) else layer
+                 for point, layer in (inserts or {}).items()}
+        # Tracked only by `_check_inserts`, which each subclass calls after making its own
+        # layers: the variable order (which a saved optimizer state follows) is then the
+        # same as when AdversarialModel inserts them into a classifier built without.
+        object.__setattr__(self, "_given_inserts", given)
         self.neck = None
 
     @property
@@ -122,6 +136,9 @@ class Classifier(keras.Model):
         return tuple(self.block_names) + (PENULTIMATE,)
 
     def _check_inserts(self):
+        if self._given_inserts:
+            self.inserts.update(self._given_inserts)
+            object.__setattr__(self, "_given_inserts", {})
         unknown = sorted(set(self.inserts) - set(self.points))
         if unknown:
             raise ValueError(
@@ -185,5 +202,6 @@ class Classifier(keras.Model):
             mean=self.mean,
             std=self.std,
             inserts={p: keras.saving.serialize_keras_object(l) for p, l in self.inserts.items()},
+            aux_weight=self.aux_weight,
         )
         return config
