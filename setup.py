@@ -6,6 +6,11 @@ setup(
     description="Adversarial training (AGAIN, CAS/CIFS, BAT, TRADES, MART, AWP, ...) and "
                 "robustness evaluation for TensorFlow 2 / Keras 3",
     packages=find_packages(include=["again_tf", "again_tf.*"]),
+    # The clone's root as the package root: `pip install -e .` then puts that folder on
+    # sys.path (a static .pth) instead of an import hook, so a clone folder named again_tf
+    # in the current directory (running from the clone's parent) cannot shadow the package
+    # as an empty namespace package.
+    package_dir={"": "."},
     python_requires=">=3.10",
     install_requires=[
         # Tested: the exact versions of constraints.txt (pip install -e . -c constraints.txt).

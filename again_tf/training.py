@@ -441,6 +441,24 @@ def train(cfg, callbacks=()):
         checkpoint.unlock(cfg.out_dir)
 
 
+class ValidationProgress(keras.callbacks.Callback):
+    """A progress bar for each epoch's validation inside `fit`, which Keras runs without
+    one: the robust validation attacks every batch and takes a while."""
+
+    def __init__(self, steps, attacked):
+        super().__init__()
+        self.steps, self.attacked = steps, attacked
+        self._bar = None
+
+    def on_test_begin(self, logs=None):
+        what = "clean and PGD robust accuracy" if self.attacked else "clean accuracy"
+        print(f"\nValidation ({what}):", flush=True)
+        self._bar = keras.utils.Progbar(self.steps, unit_name="batch")
+
+    def on_test_batch_end(self, batch, logs=None):
+        self._bar.update(batch + 1)
+
+
 def _train_locked(cfg, info, strategy, val_ds, n_train, resuming, started, callbacks=()):
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     if cfg.verbose and strategy.num_replicas_in_sync > 1:
@@ -467,12 +485,16 @@ def _train_locked(cfg, info, strategy, val_ds, n_train, resuming, started, callb
         elif resuming and cfg.verbose:
             print(f"Resuming {cfg.out_dir}: no epoch was finished, starting from epoch 1")
     train_ds = training_batches(cfg, info, initial_epoch)
+    progress = []
+    if cfg.verbose == 1 and val_ds is not None:
+        progress = [ValidationProgress(int(val_ds.cardinality()) if val_ds.cardinality() > 0
+                                       else None, cfg.eval_steps > 0)]
     start = time.time()
     if initial_epoch < cfg.epochs:
         try:
             adv.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs,
                     initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
-                    callbacks=[*callbacks, saver], verbose=cfg.verbose)
+                    callbacks=[*callbacks, *progress, saver], verbose=cfg.verbose)
         except KeyboardInterrupt:
             saver.save_interrupted()
             print(f"\nInterrupted: the last finished epoch ({saver.state['epoch']}) is kept in "

@@ -240,3 +240,15 @@ def test_every_recipe_flagfile_parses_and_validates():
     assert proc.returncode == 0, proc.stderr[-2000:]
     count = len([n for n in os.listdir(os.path.join(ROOT, "flags")) if n.endswith(".cfg")])
     assert proc.stdout.split()[-1] == str(count) and count >= 30
+
+
+def test_each_epochs_validation_shows_a_progress_bar(capsys):
+    # Keras runs fit's validation silently; the callback train.py adds shows it per epoch.
+    net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    net.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    x, y = np.zeros((8, 4), np.float32), np.zeros(8, np.int64)
+    net.fit(x, y, batch_size=4, epochs=2, validation_data=(x[:6], y[:6]), verbose=0,
+            callbacks=[training.ValidationProgress(steps=2, attacked=True)])
+    out = capsys.readouterr().out
+    assert out.count("Validation (clean and PGD robust accuracy):") == 2
+    assert out.count("2/2") >= 2
