@@ -16,8 +16,9 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
+from again_tf import catalog  # noqa: E402
 from again_tf.cli import definitions  # noqa: E402
 from again_tf.cli import help as cli_help  # noqa: E402
 
@@ -76,9 +77,7 @@ def settings(run_folder):
 
 
 def attack_options():
-    return dict(n_iter=FLAGS.n_iter, n_queries=FLAGS.n_queries, eot_iter=FLAGS.eot_iter,
-                n_target_classes=FLAGS.n_target_classes, temperature=FLAGS.temperature,
-                cwl2_steps=FLAGS.cwl2_steps, cwl2_search_steps=FLAGS.cwl2_search_steps)
+    return {name: getattr(FLAGS, name) for name in catalog.ATTACK_OPTIONS}
 
 
 def validate():
@@ -100,8 +99,8 @@ def validate():
     for flag in ("num_images", "sanity_images"):
         if getattr(FLAGS, flag) < 0:
             raise EvaluateError(f"--{flag}={getattr(FLAGS, flag)} must be >= 0")
-    for flag in ("n_iter", "n_queries", "eot_iter", "n_target_classes", "cwl2_steps",
-                 "cwl2_search_steps", "batch_size"):
+    for flag in [n for n, v in catalog.ATTACK_OPTIONS.items() if isinstance(v, int)] + [
+            "batch_size"]:
         if getattr(FLAGS, flag) < 1:
             raise EvaluateError(f"--{flag}={getattr(FLAGS, flag)} must be at least 1")
     if FLAGS.temperature <= 0:

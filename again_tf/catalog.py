@@ -19,3 +19,11 @@ DEFENSES = ("none", "pgd_at", "trades", "mart", "awp", "trades_awp", "mart_awp",
 # budget (Croce & Hein, ICML 2020) and our Temperature-PGD and C&W-L2 defaults.
 ATTACK_OPTIONS = dict(n_iter=100, n_queries=5000, eot_iter=20, n_target_classes=9,
                       temperature=0.5, cwl2_steps=1000, cwl2_search_steps=9)
+ATTACK_OPTION_HELP = dict(
+    n_iter="APGD and FAB iterations (AutoAttack: 100).",
+    n_queries="Square attack queries (AutoAttack: 5000).",
+    eot_iter="EOT forward passes of aa_rand (AutoAttack: 20).",
+    n_target_classes="Target classes of APGD-T and FAB-T (AutoAttack: 9).",
+    temperature="Temperature T of Temperature-PGD (tpgd); the default is our choice.",
+    cwl2_steps="Adam steps per binary-search step of cwl2.",
+    cwl2_search_steps="Binary-search steps over c of cwl2.")

@@ -69,9 +69,7 @@ sys.path.insert(0, ROOT)
 from absl import app, flags  # noqa: E402
 
 from again_tf.defenses import registry  # noqa: E402
-
-# Table rows that are a registered defense with fixed extra hyper-parameters.
-VARIANTS = {"again_pgd_hff": ("again_pgd", {"hff": 1})}
+from benchmarks.recipes import VARIANTS, recipe_params  # noqa: E402
 # The headline rows: AutoAttack by default, and the rows the README asks 3 seeds of.
 HEADLINE = ("none", "pgd_at", "again_pgd", "again_awp", "awp", "cas", "again_pgd_hff")
 
@@ -134,29 +132,6 @@ RUN_ERRORS = (ValueError, OSError, FloatingPointError, KeyError)
 
 class Failure(Exception):
     """One run cannot be trained or measured; the message says why."""
-
-
-def recipe_params(defense):
-    """The `--defense_params` of the defense's Fashion-MNIST recipe, or {}.
-
-    Reads `flags/fashion_mnist_<defense>.cfg`, else the older name
-    `flags/fashion_mnist_cnn_<defense>.cfg`; a variant row (`VARIANTS`) takes its base
-    defense's recipe with its own parameters on top.
-    """
-    from again_tf.cli import definitions
-
-    base, extra = VARIANTS.get(defense, (defense, {}))
-    params = {}
-    for name in (f"fashion_mnist_{base}.cfg", f"fashion_mnist_cnn_{base}.cfg"):
-        path = os.path.join(ROOT, "flags", name)
-        if os.path.exists(path):
-            with open(path) as f:
-                for line in f:
-                    if line.startswith("--defense_params="):
-                        params = definitions.key_values(line.strip().split("=", 1)[1],
-                                                        "defense_params")
-            break
-    return {**params, **extra}
 
 
 def resolved_model():

@@ -30,19 +30,20 @@ sys.path.insert(0, ROOT)
 
 from absl import app, flags  # noqa: E402
 
+from benchmarks.recipes import base_defense, recipe_params  # noqa: E402
 from benchmarks.script_cli import ScriptError, run_or_exit  # noqa: E402
-
-VARIANTS = {"again_pgd_hff": ("again_pgd", {"hff": 1})}
 
 flags.DEFINE_list("defenses", ["pgd_at", "again_pgd", "again_pgd_hff", "awp", "again_awp"],
                   "Defenses (registered names, or again_pgd_hff), in plot order.")
 flags.DEFINE_string("model", "auto", "Model (auto: the default for 28x28 data).")
 flags.DEFINE_integer("width", 0, "Model width (0: the model's default for the data).")
-flags.DEFINE_integer("train_size", 2000, "Training images (the first N of the split).")
-flags.DEFINE_integer("epochs", 30, "Epochs of every run.")
+flags.DEFINE_integer("train_size", 1000, "Training images (the first N of the split).")
+flags.DEFINE_integer("epochs", 40, "Epochs of every run.")
+flags.DEFINE_integer("batch_size", 32, "Training batch size (small: more updates per epoch).")
+flags.DEFINE_integer("eval_every", 2, "Measure after the first epoch, every N-th and the last.")
 flags.DEFINE_float("lr", 1e-3, "Adam learning rate.")
 flags.DEFINE_integer("attack_steps", 10, "PGD steps of the training attack.")
-flags.DEFINE_integer("eval_images", 500, "Training and test images measured every epoch.")
+flags.DEFINE_integer("eval_images", 250, "Training and test images measured (each).")
 flags.DEFINE_integer("eval_steps", 10, "PGD steps of the per-epoch robust accuracy.")
 flags.DEFINE_string("defense_params", "", "Extra name=value hyper-parameters for every "
                     "run that takes them (e.g. gamma=0.005 for the AWP ones).")
@@ -57,26 +58,24 @@ KEYS = ("train_clean", "test_clean", "train_robust", "test_robust")
 
 
 def variant(name):
-    """(registered defense, its extra hyper-parameters) of a variant name."""
-    from again_tf.defenses import registry
-
-    if name in VARIANTS:
-        return VARIANTS[name]
-    if name not in registry.names():
-        raise ScriptError(f"--defenses: unknown {name!r}; expected registered names "
-                          f"({', '.join(registry.names())}) or {', '.join(VARIANTS)}")
-    return name, {}
-
-
-def takes(defense, name, value):
-    """True if a piece of `defense` takes the hyper-parameter `name`."""
+    """(registered defense, its hyper-parameters): the recipe's, then --defense_params'
+    for the ones the defense takes."""
+    from again_tf.cli import definitions
     from again_tf.defenses import registry
 
     try:
-        registry.get(defense, **{name: value})
-    except (ValueError, TypeError):
-        return False
-    return True
+        defense, _ = base_defense(name)
+    except ValueError as e:
+        raise ScriptError(f"--defenses: {e}") from None
+    extra = definitions.key_values(FLAGS.defense_params, "defense_params")
+    return defense, {**recipe_params(name),
+                     **{k: v for k, v in extra.items() if registry.accepts(defense, k)}}
+
+
+def measured(epoch):
+    """True if the 0-based `epoch` is measured: the first, every --eval_every-th, the last."""
+    n = epoch + 1
+    return n == 1 or n % FLAGS.eval_every == 0 or n == FLAGS.epochs
 
 
 def generalization_callback(train_xy, test_xy, eval_steps, seed):
@@ -87,6 +86,8 @@ def generalization_callback(train_xy, test_xy, eval_steps, seed):
 
     class Generalization(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
+            if not measured(epoch):
+                return
             net = self.model.model  # the classifier inside the AdversarialModel
             for split, (x, y) in (("train", train_xy), ("test", test_xy)):
                 scores = evaluation.evaluate(net, x, y, ["clean", f"pgd{eval_steps}"],
@@ -101,20 +102,15 @@ def generalization_callback(train_xy, test_xy, eval_steps, seed):
 
 def train_variant(name, out_dir, train_xy, test_xy):
     from again_tf import training
-    from again_tf.cli import definitions
 
     defense, params = variant(name)
-    extra = {k: v for k, v in definitions.key_values(FLAGS.defense_params,
-                                                     "defense_params").items()
-             if takes(defense, k, v)}
     cfg = training.TrainConfig(
         defense=defense, dataset="fashion_mnist", model=FLAGS.model, width=FLAGS.width,
-        epochs=FLAGS.epochs, batch_size=128, optimizer="adam", lr=FLAGS.lr, eps=EPS,
-        step_size=STEP, attack_steps=FLAGS.attack_steps, eval_steps=0, val_size=0,
-        train_size=FLAGS.train_size, test_images=FLAGS.eval_images,
-        test_attacks=("clean", f"pgd{FLAGS.eval_steps}"),
-        defense_params={**params, **extra}, seed=FLAGS.seed,
-        out_dir=os.path.join(out_dir, name), resume=True, verbose=2)
+        epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, optimizer="adam", lr=FLAGS.lr,
+        eps=EPS, step_size=STEP, attack_steps=FLAGS.attack_steps, eval_steps=0, val_size=0,
+        train_size=FLAGS.train_size, test_images=FLAGS.eval_images, test_attacks=("clean",),
+        defense_params=params, seed=FLAGS.seed, out_dir=os.path.join(out_dir, name),
+        resume=True, verbose=2)
     callback = generalization_callback(train_xy, test_xy, FLAGS.eval_steps, FLAGS.seed)
     training.train(cfg, callbacks=[callback])
 
@@ -128,17 +124,19 @@ def history(run_dir):
     with open(path) as f:
         rows = json.load(f)
     rows = rows["epochs"] if isinstance(rows, dict) else rows
-    missing = [k for k in KEYS if k not in rows[0]]
-    if missing:
-        raise ScriptError(f"{run_dir}'s metrics lack {missing}: not a run of this script")
-    return {k: [float(r[k]) for r in rows] for k in KEYS}
+    epochs = [i + 1 for i, r in enumerate(rows) if all(k in r for k in KEYS)]
+    if not epochs:
+        raise ScriptError(f"{run_dir}'s metrics lack {list(KEYS)}: not a run of this script")
+    out = {k: [float(rows[e - 1][k]) for e in epochs] for k in KEYS}
+    out["epoch"] = epochs
+    return out
 
 
 def summary(name, h):
     """Final and best-test-robust-epoch accuracies and gaps of one history."""
     best = max(range(len(h["test_robust"])), key=lambda i: h["test_robust"][i])
     last = len(h["test_robust"]) - 1
-    row = {"defense": name, "epochs": last + 1, "best_epoch": best + 1}
+    row = {"defense": name, "epochs": h["epoch"][last], "best_epoch": h["epoch"][best]}
     for tag, i in (("final", last), ("best", best)):
         row[f"{tag}_test_clean"] = h["test_clean"][i]
         row[f"{tag}_test_robust"] = h["test_robust"][i]
@@ -175,7 +173,7 @@ def plot(histories, out_dir):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for i, (name, h) in enumerate(histories.items()):
             color = f"C{i}"
-            epochs = range(1, len(h[f"train_{kind}"]) + 1)
+            epochs = h["epoch"]
             ax.plot(epochs, h[f"train_{kind}"], color=color, label=f"{name} train")
             ax.plot(epochs, h[f"test_{kind}"], color=color, linestyle="--",
                     label=f"{name} test")
@@ -196,10 +194,13 @@ def run():
     names = list(FLAGS.defenses)
     for name in names:
         variant(name)
-    if FLAGS.eval_images < 1 or FLAGS.epochs < 1 or FLAGS.train_size < FLAGS.eval_images:
-        raise ScriptError(f"expected --epochs >= 1 and 1 <= --eval_images <= --train_size; "
-                          f"received --epochs={FLAGS.epochs} --eval_images="
-                          f"{FLAGS.eval_images} --train_size={FLAGS.train_size}")
+    if (FLAGS.eval_images < 1 or FLAGS.epochs < 1 or FLAGS.train_size < FLAGS.eval_images
+            or FLAGS.batch_size < 1 or FLAGS.eval_every < 1):
+        raise ScriptError(f"expected --epochs, --batch_size, --eval_every >= 1 and "
+                          f"1 <= --eval_images <= --train_size; received --epochs="
+                          f"{FLAGS.epochs} --batch_size={FLAGS.batch_size} --eval_every="
+                          f"{FLAGS.eval_every} --eval_images={FLAGS.eval_images} "
+                          f"--train_size={FLAGS.train_size}")
     if not FLAGS.from_runs:
         import numpy as np
 
@@ -224,8 +225,8 @@ def run():
     print(table)
     with open(os.path.join(FLAGS.out_dir, "generalization.json"), "w") as f:
         json.dump({"flags": {k: getattr(FLAGS, k) for k in (
-            "defenses", "model", "width", "train_size", "epochs", "lr", "attack_steps",
-            "eval_images", "eval_steps", "defense_params", "seed")},
+            "defenses", "model", "width", "train_size", "epochs", "batch_size", "eval_every",
+            "lr", "attack_steps", "eval_images", "eval_steps", "defense_params", "seed")},
             "rows": rows, "histories": histories}, f, indent=1)
     print(f"\nFigures: {', '.join(paths)}")
 

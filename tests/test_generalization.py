@@ -14,25 +14,27 @@ def test_generalization_script_logs_draws_and_resumes(tmp_path):
     args = [sys.executable, os.path.join("benchmarks", "generalization.py"),
             "--defenses=pgd_at,again_pgd", "--model=small_cnn", "--width=4",
             "--train_size=96", "--eval_images=32", "--attack_steps=1", "--eval_steps=1",
-            f"--out_dir={out}"]
+            "--eval_every=3", f"--out_dir={out}"]
     first = subprocess.run(args + ["--epochs=1"], cwd=ROOT, capture_output=True, text=True,
                            timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
-    # Two epochs: the runs resume after their first epoch (history kept), then redraw.
-    second = subprocess.run(args + ["--epochs=2"], cwd=ROOT, capture_output=True, text=True,
+    # Three epochs: the runs resume after their first epoch (history kept), measure the
+    # third (not the second: --eval_every=3), then redraw.
+    second = subprocess.run(args + ["--epochs=3"], cwd=ROOT, capture_output=True, text=True,
                             timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Resuming" in second.stdout
     saved = json.loads((out / "generalization.json").read_text())
     assert [r["defense"] for r in saved["rows"]] == ["pgd_at", "again_pgd"]
     for name, history in saved["histories"].items():
-        assert all(len(history[k]) == 2 for k in ("train_clean", "test_clean",
-                                                 "train_robust", "test_robust")), name
-        assert all(0.0 <= v <= 1.0 for values in history.values() for v in values)
+        assert history["epoch"] == [1, 3], name
+        keys = ("train_clean", "test_clean", "train_robust", "test_robust")
+        assert all(len(history[k]) == 2 for k in keys), name
+        assert all(0.0 <= v <= 1.0 for k in keys for v in history[k])
         # Robust accuracy never above clean accuracy on the same images.
         assert all(r <= c for r, c in zip(history["test_robust"], history["test_clean"]))
     for row in saved["rows"]:
-        assert row["final_robust_gap"] == row["best_robust_gap"] or row["best_epoch"] != 2
+        assert row["final_robust_gap"] == row["best_robust_gap"] or row["best_epoch"] != 3
     assert (out / "generalization_standard.png").stat().st_size > 1000
     assert (out / "generalization_robust.png").stat().st_size > 1000
     assert "| pgd_at |" in second.stdout and "| again_pgd |" in second.stdout

@@ -138,31 +138,20 @@ def define_evaluate():
     flags.DEFINE_string("report", None, "JSON report path; the Markdown table and the PNG "
                         "plots are written beside it. Default: <model folder>/eval.json "
                         "(eval_<name>.json for a model file not named model.keras).")
-    attack_defaults = catalog.ATTACK_OPTIONS
-
-    flags.DEFINE_integer("n_iter", attack_defaults["n_iter"],
-                         "APGD and FAB iterations (AutoAttack: 100).")
-    flags.DEFINE_integer("n_queries", attack_defaults["n_queries"],
-                         "Square attack queries (AutoAttack: 5000).")
-    flags.DEFINE_integer("eot_iter", attack_defaults["eot_iter"],
-                         "EOT forward passes of aa_rand (AutoAttack: 20).")
-    flags.DEFINE_integer("n_target_classes", attack_defaults["n_target_classes"],
-                         "Target classes of APGD-T and FAB-T (AutoAttack: 9).")
-    flags.DEFINE_float("temperature", attack_defaults["temperature"],
-                       "Temperature T of Temperature-PGD (tpgd); the default is our choice.")
-    flags.DEFINE_integer("cwl2_steps", attack_defaults["cwl2_steps"],
-                         "Adam steps per binary-search step of cwl2.")
-    flags.DEFINE_integer("cwl2_search_steps", attack_defaults["cwl2_search_steps"],
-                         "Binary-search steps over c of cwl2.")
+    for name, default in catalog.ATTACK_OPTIONS.items():
+        define = flags.DEFINE_float if isinstance(default, float) else flags.DEFINE_integer
+        define(name, default, catalog.ATTACK_OPTION_HELP[name])
     flags.DEFINE_string("loss", "adaptive", "Attack objective of the gradient attacks "
                         "(fgsm, pgdK, cw, tpgd, apgd-ce, apgd-dlr): main (each attack's own "
-                        "loss on the main logits), combined (main + 2*mean over the auxiliary "
-                        "heads of the same loss), aux (the auxiliary heads alone), or "
-                        "adaptive: for a model with auxiliary heads (ASE again_*, CAS, CIFS) "
-                        "each attack runs on all three and an image is robust only if it "
-                        "survives all (aa: APGD-CE on combined and aux follows AutoAttack on "
-                        "the points still robust); the table lists each loss's accuracy. For "
-                        "other models adaptive is main. Registered in "
+                        "loss on the main logits), combined (main + beta*mean over the "
+                        "auxiliary heads of the same loss, beta the model's trained "
+                        "aux_weight, default 2), aux (the auxiliary heads alone), "
+                        "main_relaxed and combined_relaxed (through the masks' argmax "
+                        "choice), or adaptive: for a model with auxiliary heads (ASE "
+                        "again_*, CAS, CIFS) each attack runs on all five and an image is "
+                        "robust only if it survives all (aa: APGD-CE on the others follows "
+                        "AutoAttack on the points still robust); the table lists each loss's "
+                        "accuracy. For other models adaptive is main. Registered in "
                         "again_tf.evaluation.OBJECTIVES.")
     flags.DEFINE_bool("classwise", True, "Write the class-wise report (JSON + PNG plots).")
     flags.DEFINE_bool("sanity", False, "Run the gradient-masking sanity checks "

@@ -71,6 +71,13 @@ def needs(name, attribute):
     return any(getattr(c, attribute, False) for c in (objective_cls,) + modifier_classes)
 
 
+def accepts(name, param):
+    """True if a piece of the defense `name` takes the hyper-parameter `param`."""
+    _check(name)
+    objective_cls, modifier_classes, _ = _DEFENSES[name]
+    return any(param in _accepted(c) for c in (objective_cls,) + modifier_classes)
+
+
 def _check(name):
     if name not in _DEFENSES:
         raise ValueError(f"Unknown defense {name!r}. Expected one of: {', '.join(_DEFENSES)}")
