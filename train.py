@@ -13,7 +13,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from again_tf.cli import definitions  # noqa: E402
 from again_tf.cli import help as cli_help  # noqa: E402

@@ -4,7 +4,6 @@ BatchNorm isolation, fresh random starts, and no retracing."""
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from again_tf import evaluation
 from again_tf.attacks import FGSM, PGD, losses

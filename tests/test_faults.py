@@ -9,12 +9,10 @@ its own process at the chosen call, so normal runs carry no hook at all. The uni
 reference run and every resume run in this process (one TensorFlow import).
 """
 
-import io
 import json
 import os
 import pickle
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap

@@ -90,6 +90,13 @@ def test_the_readme_has_code_to_check():
     assert len(python_blocks()) >= 2
     scripts = {shlex.split(c)[1] for c in shell_commands()}
     assert {"train.py", "evaluate.py", "tune.py"} <= scripts, scripts
+    # No editing leftovers: half comments, placeholders, unbalanced code fences.
+    text = readme()
+    assert text.count("<!--") == text.count("-->") == 0
+    assert text.count("```") % 2 == 0
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    headings = re.findall(r"^#+ .*$", prose, flags=re.M)
+    assert len(headings) == len(set(headings)), "a heading appears twice"
 
 
 def test_python_blocks_run_in_order(shrunk):
