@@ -14,10 +14,13 @@ from again_tf.defenses import registry
 from helpers import ROOT
 
 
-def run(args, **kwargs):
-    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+def run(args, env_update=None, **kwargs):
+    # The settings again_tf makes when it imports TensorFlow (this process did) are not
+    # inherited: each subprocess starts as a user's would.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=env, **kwargs)
+                          timeout=300, env={**env, **(env_update or {})}, **kwargs)
 
 
 @pytest.mark.parametrize("script, own", [
@@ -68,8 +71,26 @@ def test_import_is_light_quiet_and_registers_the_keras_classes(tmp_path):
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     assert loaded.stdout.split() == ["PreActResNet18", "2"]
     for proc in (saved, loaded):
-        for noise in ("cuda drivers", "cuInit", "absl::InitializeLog", "cpu_feature_guard"):
+        for noise in ("cuda drivers", "cuInit", "absl::InitializeLog", "cpu_feature_guard",
+                      "oneDNN custom operations"):
             assert noise not in proc.stderr, proc.stderr
+    # TensorFlow's oneDNN kernels are on (about 2x faster convolutions on AMD CPUs) unless
+    # the user says otherwise.
+    probe = "import os, again_tf.models; print(os.environ['TF_ENABLE_ONEDNN_OPTS'])"
+    assert run(["-c", probe]).stdout.split() == ["1"]
+    off = run(["-c", probe], env_update={"TF_ENABLE_ONEDNN_OPTS": "0"})
+    assert off.stdout.split() == ["0"], off.stderr[-2000:]
+
+
+def test_a_folder_named_again_tf_in_the_working_directory_does_not_shadow_it(tmp_path):
+    # A clone's parent folder holds the clone, `again_tf/` without __init__.py: Python must
+    # still import the installed package, not an empty namespace package.
+    (tmp_path / "again_tf" / "again_tf").mkdir(parents=True)
+    code = "import again_tf, again_tf.catalog; print(again_tf.__file__)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == os.path.join(ROOT, "again_tf", "__init__.py")
 
 
 def test_the_catalog_is_what_the_modules_use():
