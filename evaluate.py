@@ -212,11 +212,24 @@ def report_paths(model_file):
 
 ADAPTIVE_NOTE = ("The model has auxiliary heads: an attack marked (worst) ran on each "
                  "loss listed under it (main: its own loss on the main head; combined: "
-                 "main + 2·mean of the auxiliary heads; aux: the auxiliary heads alone; "
+                 "main + β·mean of the auxiliary heads, β the model's trained aux_weight; "
+                 "aux: the auxiliary heads alone; "
                  "*_relaxed: the same with the gradient through the mask choice; "
                  "for AutoAttack, main is AutoAttack itself and the others APGD-CE on the "
                  "points it left robust) and an image counts as robust only if it "
                  "survived all of them.")
+
+
+def head_summary(rep):
+    """One paragraph on the last auxiliary head, clean images (`analysis.heads`)."""
+    return (f"Auxiliary head at the last inserted layer (clean images): accuracy "
+            f"{rep['aux_clean']:.3f}, same prediction as the model on {rep['agree_clean']:.3f} "
+            f"of the images. The model is right on {rep['main_clean_aux_right']:.3f} of the "
+            f"images this head gets right and on {rep['main_clean_aux_wrong']:.3f} of those it "
+            f"gets wrong; these carry {100 * rep['loss_share_aux_wrong']:.1f}% of the model's "
+            f"clean cross-entropy (mean {rep['loss_aux_wrong']:.2f} against "
+            f"{rep['loss_aux_right']:.2f}; overall {rep['loss_clean']:.3f}, what Keras logs as "
+            f"val_loss): the loss mostly measures how confident those mistakes are.")
 
 
 def table_rows(results, worst):
@@ -245,7 +258,7 @@ def run():
     import numpy as np
 
     from again_tf import checkpoint, data, evaluation
-    from again_tf.analysis import classwise, sanity
+    from again_tf.analysis import classwise, heads, sanity
 
     validate()
     started = time.time()
@@ -328,6 +341,12 @@ def run():
                                                      step, norm)
         markdown += ["", "## Typical and atypical examples (memorization)", "", "```",
                      memorization.format_split(report["memorization"]), "```"]
+    head_text = None
+    if heads.num_heads(model, x):
+        rep_heads = heads.head_report(model, x, y, batch_size=FLAGS.batch_size)
+        report["aux_head"] = {k: v for k, v in rep_heads.items() if not hasattr(v, "shape")}
+        head_text = head_summary(rep_heads)
+        markdown += ["", "## The auxiliary head the masks follow", "", head_text]
     checkpoint.write_json(base + ".json", report)
     with open(base + ".md", "w") as f:
         f.write("\n".join(markdown) + "\n")
@@ -339,6 +358,8 @@ def run():
     for name, r in results.items():
         for w in r.get("warnings") or []:
             print(f"Warning ({name}): {w}")
+    if head_text:
+        print("\n" + head_text)
     if FLAGS.classwise:
         print("\nClass-wise:\n" + classwise.summary(rep))
     if FLAGS.sanity:

@@ -205,3 +205,8 @@ def test_evaluate_py_prints_the_breakdown(aux_adv, tmp_path):
     assert f"{entry['by_loss']['aux']:.4f}" in rows["aux loss"]
     assert f"{entry['accuracy']:.4f}" in rows["pgd5 (worst)"]
     assert "auxiliary heads" in (tmp_path / "eval.md").read_text()
+    # Where the clean loss (val_loss) comes from: the images the head gets wrong.
+    head = saved["aux_head"]
+    assert "Auxiliary head at the last inserted layer" in run.stdout
+    assert 0 <= head["loss_share_aux_wrong"] <= 1 and head["images"] == 100
+    assert head["loss_aux_wrong"] > head["loss_aux_right"]

@@ -84,6 +84,9 @@ def test_names_and_bad_hyperparameters():
         AdversarialModel(tiny_net(), defense="bogus")
     with pytest.raises(ValueError, match="takes no hyper-parameter"):
         AdversarialModel(tiny_net(), defense="pgd_at", gamma=3.0)
+    assert defenses.registry.accepts("again_awp", "gamma")
+    assert defenses.registry.accepts("again_awp", "ase_alpha")
+    assert not defenses.registry.accepts("pgd_at", "gamma")
     # The defense owns the loss: a Keras loss or metric would be silently unused.
     adv = AdversarialModel(tiny_net(), defense="trades")
     with pytest.raises(ValueError, match=r"loss, metrics would not be used.*'trades'"):

@@ -86,6 +86,18 @@ def test_head_report_matches_numpy_on_the_last_head(masked_cnn):
     # The main head is the model's own inference output.
     np.testing.assert_array_equal(masked_cnn.predict(x, verbose=0).argmax(-1), p_main)
 
+    # The clean cross-entropy split by whether the head is right (Keras' val_loss).
+    probs = np.exp(main) / np.exp(main).sum(-1, keepdims=True)
+    ce = -np.log(probs[np.arange(len(y)), y])
+    wrong = p_aux != y
+    assert 0 < wrong.mean() < 1
+    assert rep["loss_clean"] == pytest.approx(ce.mean(), rel=1e-5)
+    assert rep["loss_aux_wrong"] == pytest.approx(ce[wrong].mean(), rel=1e-5)
+    assert rep["loss_aux_right"] == pytest.approx(ce[~wrong].mean(), rel=1e-5)
+    assert rep["loss_share_aux_wrong"] == pytest.approx(ce[wrong].sum() / ce.sum(), rel=1e-5)
+    assert rep["main_clean_aux_wrong"] == pytest.approx(np.mean(p_main[wrong] == y[wrong]))
+    assert rep["main_clean_aux_right"] == pytest.approx(np.mean(p_main[~wrong] == y[~wrong]))
+
     first = heads.head_report(masked_cnn, x, y, head=0)
     assert first["aux_clean"] == pytest.approx(np.mean(aux[0].argmax(-1) == y))
     assert first["agree_clean"] == pytest.approx(np.mean(aux[0].argmax(-1) == p_main))

@@ -41,6 +41,13 @@ def head_predictions(model, x, head=-1, batch_size=256):
     inserted layers (-1: the last one). Raises ValueError if `model` has no such head.
     """
     x = np.asarray(x, np.float32)
+    _check_head(model, x, head)
+    logits, aux = _head_outputs(model, x, head, batch_size)
+    return np.argmax(logits, -1), aux
+
+
+def _check_head(model, x, head):
+    """The number of auxiliary heads; ValueError if `head` is not one of them."""
     count = num_heads(model, x)
     if not count:
         raise ValueError(f"head_report needs a model with auxiliary heads (an inserted ASE, "
@@ -48,12 +55,24 @@ def head_predictions(model, x, head=-1, batch_size=256):
     if not -count <= head < count:
         raise ValueError(f"Expected `head` in [{-count}, {count - 1}] ({count} auxiliary "
                          f"head(s)). Received: head={head}")
+    return count
+
+
+def _head_outputs(model, x, head, batch_size):
+    """(main logits, predictions of auxiliary head `head`) on `x`, inference path."""
     main, aux = [], []
     for i in range(0, len(x), batch_size):
         out = forward(model, tf.constant(x[i:i + batch_size]), training=False)
-        main.append(np.argmax(out["logits"], -1))
+        main.append(np.asarray(out["logits"], np.float64))
         aux.append(np.argmax(out["aux_logits"][head], -1))
     return np.concatenate(main), np.concatenate(aux)
+
+
+def cross_entropy(logits, y):
+    """Per-image softmax cross-entropy of float logits (NumPy, log-sum-exp)."""
+    top = logits.max(-1, keepdims=True)
+    log_z = top[:, 0] + np.log(np.exp(logits - top).sum(-1))
+    return log_z - logits[np.arange(len(y)), y]
 
 
 def head_report(model, x, y, x_adv=None, head=-1, batch_size=256):
@@ -70,7 +89,11 @@ def head_report(model, x, y, x_adv=None, head=-1, batch_size=256):
     Returns:
         dict with "aux_clean" (the head's accuracy on `x`), "main_clean" (the model's),
         "agree_clean" (fraction of images where the head's and the model's predictions
-        are equal), "heads" (how many auxiliary heads the model has), "head" (the index
+        are equal), "loss_clean" (the model's mean clean cross-entropy),
+        "loss_aux_right"/"loss_aux_wrong" (its mean over the images the head gets
+        right / wrong; NaN if none), "loss_share_aux_wrong" (the share of the summed
+        cross-entropy on the images the head gets wrong), "main_clean_aux_right"/
+        "main_clean_aux_wrong" (the model's accuracy on each group), "heads" (how many auxiliary heads the model has), "head" (the index
         used, non-negative), "images"; with `x_adv` also "aux_adv", "main_adv" and
         "agree_adv", and the per-image bool arrays "aux_correct_adv", "agree_adv_each".
     """
@@ -82,11 +105,24 @@ def head_report(model, x, y, x_adv=None, head=-1, batch_size=256):
     if x_adv is not None and np.shape(x_adv) != x.shape:
         raise ValueError(f"Expected `x_adv` of the shape of `x` {x.shape}. Received: "
                          f"x_adv.shape={np.shape(x_adv)}")
-    main, aux = head_predictions(model, x, head, batch_size)  # raises without heads
-    count = num_heads(model, x)
+    count = _check_head(model, x, head)
+    logits, aux = _head_outputs(model, x, head, batch_size)
+    main = np.argmax(logits, -1)
     report = {"heads": count, "head": head % count, "images": len(y),
               "aux_clean": float(np.mean(aux == y)), "main_clean": float(np.mean(main == y)),
               "agree_clean": float(np.mean(aux == main))}
+    # Where the model's clean cross-entropy (Keras' val_loss) comes from: the images the
+    # head gets right and those it gets wrong (the mask of another class is applied).
+    ce, wrong = cross_entropy(logits, y), aux != y
+
+    def mean(values):
+        return float(np.mean(values)) if len(values) else float("nan")
+
+    report.update(loss_clean=mean(ce), loss_aux_wrong=mean(ce[wrong]),
+                  loss_aux_right=mean(ce[~wrong]),
+                  loss_share_aux_wrong=float(ce[wrong].sum() / ce.sum()) if ce.sum() else 0.0,
+                  main_clean_aux_right=mean(main[~wrong] == y[~wrong]),
+                  main_clean_aux_wrong=mean(main[wrong] == y[wrong]))
     if x_adv is not None:
         main_adv, aux_adv = head_predictions(model, x_adv, head, batch_size)
         report.update(aux_adv=float(np.mean(aux_adv == y)),
