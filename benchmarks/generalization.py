@@ -6,12 +6,12 @@
 AGAIN (Yin et al., CVPR 2023, "Analysis of the Generalization") claims that attribution
 span enlargement narrows the gap between training and test accuracy, standard and
 robust. This script trains each variant of `--defenses` with the same budget (a small
-training set for many epochs, where PGD-AT overfits robustly) through
-`again_tf.training.train`, and after every epoch measures, on fixed subsets of
-`--eval_images` training and test images, the clean accuracy and the PGD-`--eval_steps`
-robust accuracy (adaptive for models with auxiliary heads: the per-image worst case over
-the main, combined and auxiliary losses and their mask-relaxed forms, as the final
-evaluation). The values are logged in each run's metrics (so an interrupted run resumes
+training set for many epochs: 1,000 images, 40 epochs, batch 32, where PGD-AT's robust
+train-test gap keeps widening) through `again_tf.training.train`, and after the first
+epoch, every `--eval_every`-th and the last measures, on fixed subsets of `--eval_images`
+training and test images, the clean accuracy and the PGD-`--eval_steps` robust accuracy
+(adaptive for models with auxiliary heads: the per-image worst case over the main,
+combined and auxiliary losses and their mask-relaxed forms, as the final evaluation). The values are logged in each run's metrics (so an interrupted run resumes
 with its history: rerun the same command), then drawn as the paper's two panels,
 `generalization_standard.png` and `generalization_robust.png` (train solid, test dashed),
 and tabulated: final and best test accuracy and the train − test gap at the last epoch
