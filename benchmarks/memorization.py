@@ -50,6 +50,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    import again_tf  # noqa: F401  (before TensorFlow: again_tf.startup's settings)
     import numpy as np
     import tensorflow as tf
 

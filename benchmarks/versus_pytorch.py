@@ -56,6 +56,7 @@ for _path in (ROOT, os.path.dirname(os.path.abspath(__file__))):
     if _path not in sys.path:  # appended: imported in-process, it shadows no module
         sys.path.append(_path)
 
+import again_tf  # noqa: E402,F401  (before TensorFlow: again_tf.startup's settings)
 import numpy as np  # noqa: E402
 
 from script_cli import ScriptError, run_or_exit  # noqa: E402
