@@ -173,7 +173,10 @@ def test_xla_train_and_test_steps_trace_once():
     lambda net: AdversarialModel(net, defense=defenses.TRADES(beta=1.0, aux_weight=3.0),
                                  modifiers=[defenses.CAS(), defenses.AWP(gamma=0.003)],
                                  eps=0.1, steps=1, eval_steps=1),
-], ids=["again_pgd", "cas", "trades_cas_awp_objects"])
+    # Pieces that add state when attached (a teacher, a policy network) load unbuilt.
+    lambda net: AdversarialModel(net, defense="lbgat", eps=0.1, steps=1, eval_steps=1),
+    lambda net: AdversarialModel(net, defense="las_at", eps=0.1, steps=1, eval_steps=1),
+], ids=["again_pgd", "cas", "trades_cas_awp_objects", "lbgat", "las_at"])
 def test_a_saved_adversarial_model_loads_back_the_same(make, tmp_path):
     # The headline defenses insert layers, and a defense built from objects carries its
     # own hyper-parameters: both come back from a .keras file as they were saved.

@@ -458,8 +458,12 @@ class AdversarialModel(keras.Model):
         if pieces is None:  # an older file: the defense's name and its hyper-parameters
             return cls(**config)
         name = config.pop("defense")
-        objective = keras.saving.deserialize_keras_object(pieces["objective"])
-        modifiers = [keras.saving.deserialize_keras_object(m) for m in pieces["modifiers"]]
+        def unbuilt(piece):  # built by this model's build, after `attach` adds its state
+            return keras.saving.deserialize_keras_object(
+                {k: v for k, v in piece.items() if k != "build_config"})
+
+        objective = unbuilt(pieces["objective"])
+        modifiers = [unbuilt(m) for m in pieces["modifiers"]]
         adv = cls(defense=objective, modifiers=modifiers, **config)
         adv.defense_name = name
         return adv
