@@ -36,6 +36,7 @@ def config_from_flags():
         eps=definitions.fraction(FLAGS.eps, "eps"),
         step_size=definitions.fraction(FLAGS.step_size, "step_size"), norm=FLAGS.norm,
         attack_steps=FLAGS.attack_steps, attack_training=FLAGS.attack_training,
+        attack_updates_statistics=FLAGS.attack_updates_statistics,
         eval_steps=FLAGS.eval_steps, val_size=FLAGS.val_size,
         train_size=FLAGS.train_size, test_images=FLAGS.test_images,
         test_attacks=tuple(FLAGS.test_attacks),

@@ -8,6 +8,7 @@ The public API:
     again_tf.models             SmallCNN, ResNet18, PreActResNet18, WideResNet; `models.build`
     again_tf.data               `data.load(name, split)`, `data.pipeline(...)`
     again_tf.evaluation         `evaluation.evaluate(model, x, y, attacks=["clean", "pgd20"])`
+    again_tf.heads              auxiliary heads: training losses, attack objectives, β
     again_tf.analysis           attribution, channels, class-wise report, memorization, sanity
     again_tf.training           `training.train(TrainConfig(...))`, what train.py runs
     again_tf.tuning             `tuning.DefenseHyperModel` (keras-tuner), what tune.py runs
@@ -25,7 +26,7 @@ from again_tf import startup
 __version__ = "0.1.0"
 
 _SUBMODULES = ("analysis", "attacks", "checkpoint", "data", "defenses", "distribute",
-               "evaluation", "layers", "models", "precision", "training", "tuning")
+               "evaluation", "heads", "layers", "models", "precision", "training", "tuning")
 _NAMES = {"AdversarialModel": ("defenses", "AdversarialModel"), "PGD": ("attacks", "PGD"),
           "FGSM": ("attacks", "FGSM"), "build_model": ("models", "build")}
 

@@ -24,6 +24,6 @@ ATTACK_OPTION_HELP = dict(
     n_queries="Square attack queries (AutoAttack: 5000).",
     eot_iter="EOT forward passes of aa_rand (AutoAttack: 20).",
     n_target_classes="Target classes of APGD-T and FAB-T (AutoAttack: 9).",
-    temperature="Temperature T of Temperature-PGD (tpgd); the default is our choice.",
+    temperature="Temperature T of Temperature-PGD (temp_pgd); the default is our choice.",
     cwl2_steps="Adam steps per binary-search step of cwl2.",
     cwl2_search_steps="Binary-search steps over c of cwl2.")

@@ -16,14 +16,13 @@ step (AWP's weight perturbation) is summed over replicas with `sum_over_replicas
 every replica applies the same perturbation.
 
 BatchNorm normalizes with the statistics of the replica's own slice unless the model
-is built with synchronized BatchNorm (`again_tf.models.set_sync_batchnorm(True)`, flag
-`--sync_batchnorm`), which all-reduces the batch statistics over the replicas: then the
+is built with synchronized BatchNorm (`models.build(..., sync_batchnorm=True)`, a
+`Classifier` argument kept in its config; flag `--sync_batchnorm`), which all-reduces the batch statistics over the replicas: then the
 forward pass in training mode is the same as one device's on the global batch.
 """
 
 import json
 import os
-import threading
 
 import tensorflow as tf
 
@@ -176,36 +175,6 @@ def make_strategy(name="none", cpu_replicas=0):
 def describe(strategy):
     """One line: the strategy's class and its replica count."""
     return f"{type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s)"
-
-
-class ReplicaLocal:
-    """Holds one Python value per replica, for state a hook keeps from one call to the next.
-
-    `MirroredStrategy` runs `train_step` once per replica, in one thread per replica, and
-    the threads interleave at every cross-replica sum: a plain attribute set by one
-    replica's hook could be read by another's. Values are keyed by the thread, which is
-    the replica's while a step is traced (Python runs only then); entries of finished
-    threads are dropped.
-
-    Example:
-        self._saved = ReplicaLocal()          # in __init__
-        self._saved.set(saved)                # in before_gradient
-        saved = self._saved.pop()             # in after_gradient
-    """
-
-    def __init__(self):
-        self._values = {}
-
-    def set(self, value):
-        alive = {t.ident for t in threading.enumerate()}
-        self._values = {k: v for k, v in self._values.items() if k in alive}
-        self._values[threading.get_ident()] = value
-
-    def get(self, default=None):
-        return self._values.get(threading.get_ident(), default)
-
-    def pop(self, default=None):
-        return self._values.pop(threading.get_ident(), default)
 
 
 def shard_by_data(dataset):

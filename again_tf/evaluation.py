@@ -7,8 +7,11 @@ Attack names (`parse_attack`; ε, norm and step come from the caller):
                  (Madry et al. 2018). pgd10/pgd20/pgd50/pgd100 are what the papers report.
     cw / cwK     C&W-∞: K-step PGD (default 30) on the C&W margin loss, as the TRADES,
                  MART and AWP papers report it.
-    tpgd / tpgdK Temperature-PGD (Tian et al., KDD 2021): K-step PGD (default 20) on
+    temp_pgd / temp_pgdK
+                 Temperature-PGD (Tian et al., KDD 2021): K-step PGD (default 20) on
                  −log softmax(z/T)_y, T = `temperature` option (default 0.5, our choice).
+                 `tpgd` / `tpgdK` is an old alias (torchattacks and MAIR call TRADES' KL
+                 PGD "TPGD": the longer name cannot be mistaken for it).
     aa           AutoAttack, standard version: APGD-CE, APGD-T, FAB-T, Square (Croce &
                  Hein, ICML 2020), each on the points still robust.
     aa_plus      AutoAttack "plus": APGD-CE, APGD-DLR, FAB (5 restarts), Square, APGD-T, FAB-T.
@@ -25,8 +28,8 @@ Options (keyword arguments of `parse_attack`/`evaluate`, flags of evaluate.py):
 Adaptive evaluation (`evaluate(..., loss="adaptive")`, the default; evaluate.py --loss):
 models with inserted label-conditioned layers (ASE `again_*`, CAS `cas*`, CIFS `cifs`)
 choose their channel masks from their own auxiliary heads, and an attack on the main
-head alone overstates their robustness (`attacks.objectives`). For a model with
-auxiliary heads every attack that takes a custom loss (fgsm, pgdK, cw, tpgd, apgd-ce,
+head alone overstates their robustness (`again_tf.heads`). For a model with
+auxiliary heads every attack that takes a custom loss (fgsm, pgdK, cw, temp_pgd, apgd-ce,
 apgd-dlr) runs once per objective of `ADAPTIVE` — "main" (its own loss on the main
 logits), "combined" (ℓ(main) + β·mean_h ℓ(aux_h), β = the model's `aux_weight`, the β
 it was trained with, default 2), "aux" (mean_h ℓ(aux_h)), ℓ being the attack's own loss
@@ -53,8 +56,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from again_tf import catalog
-from again_tf.attacks import losses, objectives
+from again_tf import catalog, heads
+from again_tf.attacks import losses
 from again_tf.attacks.apgd import APGD, APGDT
 from again_tf.attacks.base import Attack
 from again_tf.attacks.autoattack import COMPONENTS, AutoAttack, build_component
@@ -67,16 +70,16 @@ DEFAULT_OPTIONS = dict(catalog.ATTACK_OPTIONS)  # AutoAttack's budget, our T-PGD
 
 AA_VERSIONS = {"aa": "standard", "aa_plus": "plus", "aa_rand": "rand"}
 
-ATTACK_NAMES = ("clean, fgsm, pgdK (e.g. pgd20), cw / cwK, tpgd / tpgdK, aa, aa_plus, "
+ATTACK_NAMES = ("clean, fgsm, pgdK (e.g. pgd20), cw / cwK, temp_pgd / temp_pgdK, aa, aa_plus, "
                 "aa_rand, " + ", ".join(COMPONENTS) + ", cwl2")
 
 RELAX_TEMPERATURE = 1.0  # T of the relaxed mask choice (our choice; module docstring)
 
 
 def _head_objective_builder(name, relax_masks=None):
-    """The `OBJECTIVES` builder of `attacks.objectives.head_objective(name)`."""
-    def builder(model, loss=losses.cross_entropy, aux_weight=objectives.DEFAULT_AUX_WEIGHT):
-        return objectives.objective_fn(model, name, loss, aux_weight, relax_masks=relax_masks)
+    """The `OBJECTIVES` builder of `heads.head_objective(name)`."""
+    def builder(model, loss=losses.cross_entropy, aux_weight=heads.DEFAULT_AUX_WEIGHT):
+        return heads.objective_fn(model, name, loss, aux_weight, relax_masks=relax_masks)
     return builder
 
 
@@ -103,7 +106,7 @@ def loss_modes():
 
 
 def takes_objective(attack):
-    """True for the attacks that maximize a custom loss: PGD, FGSM, C&W-∞, tpgd, APGD-CE/DLR.
+    """True for the attacks that maximize a custom loss: PGD, FGSM, C&W-∞, temp_pgd, APGD-CE/DLR.
 
     APGD-T (its targeted DLR loss), FAB, Square and C&W-L2 follow the logits their own way.
     """
@@ -111,7 +114,7 @@ def takes_objective(attack):
                                        and not isinstance(attack, APGDT))
 
 
-def build_objective(name, model, loss, aux_weight=objectives.DEFAULT_AUX_WEIGHT):
+def build_objective(name, model, loss, aux_weight=heads.DEFAULT_AUX_WEIGHT):
     """The `loss_fn` of objective `name` for an attack whose own loss of logits is `loss`."""
     builder = OBJECTIVES[name]
     try:
@@ -149,13 +152,13 @@ def parse_attack(name, model, eps, step_size=None, norm="linf", seed=0, **option
     if name == "cwl2":
         return CWL2(model, eps=eps, norm=norm, max_iterations=opts["cwl2_steps"],
                     binary_search_steps=opts["cwl2_search_steps"], seed=seed)
-    match = re.fullmatch(r"(pgd|cw|tpgd)(\d*)", name)
+    match = re.fullmatch(r"(pgd|cw|temp_pgd|tpgd)(\d*)", name)  # tpgd: old alias
     if not match or (match.group(1) == "pgd" and not match.group(2)):
         raise ValueError(f"Unknown attack {name!r}. Expected one of: {ATTACK_NAMES}")
     kind, digits = match.group(1), match.group(2)
     if digits and int(digits) < 1:
         raise ValueError(f"Attack {name!r}: the number of steps must be at least 1")
-    if kind == "tpgd":
+    if kind in ("temp_pgd", "tpgd"):
         return TemperaturePGD(model, eps, step_size, int(digits or 20), norm=norm, seed=seed,
                               temperature=opts["temperature"])
     return PGD(model, eps, step_size, int(digits or 30), norm=norm, seed=seed,
@@ -174,34 +177,18 @@ def predictions(predict, x, batch_size=256):
                            for i in range(0, len(x), batch_size)])
 
 
-def _with_objective(attack, loss_fn, x, y):
-    """`attack` called with a custom objective, compiled once per attack and objective.
-
-    The batch dimension is left free, so the last, smaller batch reuses the same graph
-    (one trace per objective: no retracing warnings from TensorFlow).
-    """
-    cache = attack.__dict__.setdefault("_objective_fns", {})
-    if id(loss_fn) not in cache:
-        signature = [tf.TensorSpec((None,) + tuple(x.shape[1:]), tf.float32),
-                     tf.TensorSpec((None,), tf.as_dtype(np.asarray(y).dtype))]
-        spec_fn = tf.function(lambda a, b: attack.perturb(a, b, loss_fn),
-                              input_signature=signature)
-        cache[id(loss_fn)] = (loss_fn, spec_fn)
-    return cache[id(loss_fn)][1]
-
-
 def adversarial(attack, x, y, batch_size=256, loss_fn=None, progress=None):
     """Adversarial examples of `attack` for all of `x`, batch by batch.
 
     `loss_fn(x_adv, y)` replaces the attack's own loss (attacks that follow the logits,
     FAB, Square, C&W-L2, ignore it); `progress` is a `keras.utils.Progbar` to advance.
     """
-    call = attack if loss_fn is None else _with_objective(attack, loss_fn, x, y)
     out = []
     for i in range(0, len(x), batch_size):
         xb = tf.constant(x[i:i + batch_size])
         yb = tf.constant(y[i:i + batch_size])
-        out.append(call(xb, yb).numpy())
+        # One trace per attack and objective (the attack keeps it), any batch size.
+        out.append((attack(xb, yb) if loss_fn is None else attack(xb, yb, loss_fn)).numpy())
         if progress is not None:
             progress.add(len(xb))
     return np.concatenate(out) if out else np.zeros_like(x)
@@ -223,8 +210,7 @@ def _named_attack(item, model, eps, step_size, norm, seed, options):
 
 def trained_aux_weight(model):
     """β the model's auxiliary heads were trained with, else the papers' 2.0."""
-    beta = getattr(model, "aux_weight", None)
-    return objectives.DEFAULT_AUX_WEIGHT if beta is None else float(beta)
+    return heads.trained_aux_weight(model)
 
 
 def evaluate(model, x, y, attacks=("clean", "pgd20"), eps=8 / 255, step_size=None,
@@ -269,11 +255,12 @@ def evaluate(model, x, y, attacks=("clean", "pgd20"), eps=8 / 255, step_size=Non
         aux_weight = trained_aux_weight(model)
     y = np.asarray(y)
     x = np.asarray(x, np.float32)
-    heads = objectives.num_aux_heads(model, x) if len(x) and loss in ("adaptive", "aux") else 0
-    if loss == "aux" and not heads:
+    num_heads = (heads.num_aux_heads(model, x) if len(x) and loss in ("adaptive", "aux")
+                 else 0)
+    if loss == "aux" and not num_heads:
         raise ValueError(f"loss='aux' attacks the auxiliary heads, but {model.name!r} has "
                          f"none; expected loss='main' (or 'adaptive')")
-    names = list(ADAPTIVE) if loss == "adaptive" and heads else (
+    names = list(ADAPTIVE) if loss == "adaptive" and num_heads else (
         ["main"] if loss == "adaptive" else [loss])
     predict = predictor(model)
     results = {}

@@ -51,7 +51,9 @@ class TrainConfig:
     all-reduces BatchNorm's batch statistics over the replicas; `mixed_precision` is
     "off", "float16" or "bfloat16" (`again_tf.precision`). `attack_training` is
     `AdversarialModel`'s BatchNorm mode of the training attack (True in the recipes of the
-    AWP repository's AT_AWP/train_cifar10.py, which attacks in train mode).
+    AWP repository's AT_AWP/train_cifar10.py, which attacks in train mode), and
+    `attack_updates_statistics` lets that attack move the running statistics as the
+    official one does (the same recipes).
     """
 
     defense: str = "again_pgd"
@@ -73,6 +75,7 @@ class TrainConfig:
     norm: str = "linf"
     attack_steps: int = 10
     attack_training: bool = False
+    attack_updates_statistics: bool = False
     eval_steps: int = 10
     val_size: int = None
     train_size: int = None
@@ -139,6 +142,9 @@ def validate(cfg):
                          f"increasing epochs >= 1, e.g. 100,150")
     if cfg.lr_schedule == "piecewise" and not milestones:
         raise ValueError("--lr_schedule=piecewise needs --lr_milestones, e.g. 100,150")
+    if cfg.attack_updates_statistics and not cfg.attack_training:
+        raise ValueError("--attack_updates_statistics needs --attack_training (an "
+                         "inference-mode attack writes no statistics)")
     if cfg.jit_compile not in ("auto", "true", "false", True, False):
         raise ValueError(f"--jit_compile={cfg.jit_compile!r}: expected auto, true or false")
     precision.check(cfg.mixed_precision)
@@ -402,10 +408,11 @@ def datasets(cfg, info):
 def build(cfg, info):
     """The classifier wrapped in an `AdversarialModel`, compiled."""
     net = models.build(cfg.model, info.num_classes, mean=info.mean, std=info.std,
-                       **width_kwargs(cfg))
+                       sync_batchnorm=cfg.sync_batchnorm, **width_kwargs(cfg))
     adv = AdversarialModel(net, defense=cfg.defense, eps=cfg.eps, step_size=cfg.step_size,
                            steps=cfg.attack_steps, norm=cfg.norm,
                            attack_training=cfg.attack_training,
+                           attack_updates_statistics=cfg.attack_updates_statistics,
                            eval_steps=cfg.eval_steps if cfg.val_size else 0,
                            weight_decay=cfg.weight_decay, seed=cfg.seed,
                            **defense_hparams(cfg))
@@ -464,11 +471,7 @@ def _train_locked(cfg, info, strategy, val_ds, n_train, resuming, started, callb
     if cfg.verbose and strategy.num_replicas_in_sync > 1:
         print(f"Training on {distribute.describe(strategy)}, global batch {cfg.batch_size}")
     with precision.policy(cfg.mixed_precision), strategy.scope():
-        models.set_sync_batchnorm(cfg.sync_batchnorm)
-        try:
-            adv = build(cfg, info)
-        finally:
-            models.set_sync_batchnorm(False)
+        adv = build(cfg, info)
         adv.compile(optimizer=build_optimizer(cfg, steps_per_epoch),
                     jit_compile=use_xla(cfg.jit_compile))
         saver = checkpoint.Checkpointer(cfg.out_dir, settings=optimizer_settings(cfg))

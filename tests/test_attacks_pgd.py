@@ -125,7 +125,25 @@ def test_random_start_is_fresh_each_call_and_compiled_once(trained_cnn, fashion_
     assert not np.allclose(a, b)
     for i in range(3):
         attack(x[i:i + 16], y[i:i + 16])
-    assert attack._compiled.experimental_get_tracing_count() <= 2
+    assert attack.compiled(None, x.shape[1:]).experimental_get_tracing_count() <= 2
+
+
+def test_a_custom_loss_is_compiled_too_and_equals_the_eager_attack(trained_cnn, fashion_test):
+    """One call contract: `attack(x, y, loss_fn)` is the compiled `perturb(x, y, loss_fn)`,
+    traced once per loss function for any batch size."""
+    x, y = fashion_test[0][:24], fashion_test[1][:24]
+    attack = PGD(trained_cnn, eps=0.1, step_size=0.02, steps=3, random_start=False)
+
+    def margin_of_logits(x_adv, labels):  # a loss the attack does not have by itself
+        return losses.cw_margin(trained_cnn(x_adv, training=False), labels)
+
+    got = attack(x, y, margin_of_logits).numpy()
+    want = attack.perturb(x, y, margin_of_logits).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert not np.allclose(got, attack(x, y).numpy(), atol=1e-4)  # not the CE attack
+    for n in (7, 24, 1):
+        attack(x[:n], y[:n], margin_of_logits)
+    assert attack.compiled(margin_of_logits, x.shape[1:]).experimental_get_tracing_count() == 1
 
 
 def test_bad_arguments():

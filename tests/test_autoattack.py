@@ -101,7 +101,7 @@ def test_apgd_compiles_once_for_any_batch_size(trained_cnn, batch):
     attack = APGD(trained_cnn, EPS, n_iter=2, seed=0)
     for n in (32, 7, 1, 19):
         attack(batch[0][:n], batch[1][:n])
-    assert attack._signature_fn.experimental_get_tracing_count() == 1
+    assert attack.compiled(None, batch[0].shape[1:]).experimental_get_tracing_count() == 1
 
 
 # ----------------------------------------------------------------------------- FAB

@@ -13,9 +13,9 @@ import pytest
 import tensorflow as tf
 
 from again_tf import evaluation, models
-from again_tf.attacks import PGD
+from again_tf.attacks import PGD, EarlyStoppedPGD, PolicyPGD
 from again_tf.defenses import (AWP, FAT, FATTRADES, LASAT, LBGAT, MART, TRADES,
-                               AdversarialModel, EarlyStoppedPGD, PolicyPGD, Standard, registry)
+                               AdversarialModel, Standard, registry)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ("none", "pgd_at", "trades", "mart", "awp", "trades_awp", "mart_awp", "fat",
@@ -121,7 +121,7 @@ def test_gradients_flow_through_both_forward_passes(objective, reference):
 
 def split_outputs(objective, classes=4):
     """Makes `objective.outputs` read [main logits | aux logits] from a (batch, 2K) input."""
-    def outputs(model, x, y, training):
+    def outputs(model, x, y, training, partner=None):
         return {"logits": x[:, :classes], "aux_logits": [x[:, classes:]], "features": None}
     objective.outputs = outputs
     return objective
@@ -150,7 +150,7 @@ def test_lbgat_loss_matches_numpy_and_trains_the_teacher():
     teacher_logits = RNG.normal(size=(5, 4)) * 2.0
     objective = LBGAT(beta=6.0)
     # Student logits are the first 4 inputs; the teacher reads the last 4.
-    objective.outputs = lambda model, x, y, training: {
+    objective.outputs = lambda model, x, y, training, partner=None: {
         "logits": x[:, :4], "aux_logits": [], "features": None}
     objective.teacher = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
     kernel = np.concatenate([np.zeros((4, 4)), np.eye(4)]).astype(np.float32)

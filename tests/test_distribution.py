@@ -43,7 +43,7 @@ SCRIPT = textwrap.dedent("""
 
     def net(bn):
         if bn:  # a Classifier with BatchNorm (small_cnn's blocks)
-            return models.SmallCNN(3, width=2, hidden=8)
+            return models.SmallCNN(3, width=2, hidden=8, sync_batchnorm=sync)
         return keras.Sequential([keras.Input((8, 8, 1)),
                                  keras.layers.Conv2D(4, 3, activation="relu"),
                                  keras.layers.Flatten(), keras.layers.Dense(3)])
@@ -62,12 +62,10 @@ SCRIPT = textwrap.dedent("""
         hparams = {k: value(v) for k, v in hparams.items()}
         with strategy.scope():
             keras.utils.set_random_seed(0)
-            models.set_sync_batchnorm(sync)
             classifier = net(bn="bn" in kind)
             adv = AdversarialModel(classifier, defense=defense, eps=0.1, step_size=0.03,
                                    steps=3, weight_decay=0.01, eval_steps=0, **hparams)
             adv.build((None, 8, 8, 1))
-            models.set_sync_batchnorm(False)
             adv.attack.start = lambda z: tf.clip_by_value(z + 0.02 * tf.cos(50.0 * z), 0, 1)
             if defense == "las_at":  # its random draws, as fixed functions of the inputs
                 adv.attack.policy_start = adv.attack.start

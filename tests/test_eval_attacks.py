@@ -113,6 +113,12 @@ def test_parse_attack_names():
     assert evaluation.parse_attack("tpgd5", None, eps).steps == 5
     assert evaluation.parse_attack("tpgd", None, eps).temperature == DEFAULT_TEMPERATURE
     assert evaluation.parse_attack("tpgd", None, eps, temperature=2.0).temperature == 2.0
+    # The name that cannot be taken for TRADES' KL PGD (torchattacks' and MAIR's TPGD);
+    # tpgd stays as its alias.
+    renamed = evaluation.parse_attack("temp_pgd7", None, eps, temperature=2.0)
+    assert isinstance(renamed, TemperaturePGD)
+    assert (renamed.steps, renamed.temperature) == (7, 2.0)
+    assert evaluation.parse_attack("temp_pgd", None, eps).steps == 20
     assert evaluation.parse_attack("aa_rand", None, eps).version == "rand"
     assert evaluation.parse_attack("aa", None, eps, n_iter=7).components["apgd-ce"].n_iter == 7
     assert evaluation.parse_attack("square", None, eps, n_queries=9).n_queries == 9
@@ -120,7 +126,7 @@ def test_parse_attack_names():
     assert not evaluation.parse_attack("fab", None, eps).fab_targeted
     assert evaluation.parse_attack("apgd-dlr", None, eps).loss_name == "dlr"
     assert evaluation.parse_attack("cwl2", None, eps, cwl2_steps=11).max_iterations == 11
-    for bad in ("pgd", "aa_fast", "tpgd0", "apgd"):
+    for bad in ("pgd", "aa_fast", "tpgd0", "temp_pgd0", "temppgd", "apgd"):
         with pytest.raises(ValueError, match="(?i)attack"):
             evaluation.parse_attack(bad, None, eps)
     with pytest.raises(ValueError, match="option"):

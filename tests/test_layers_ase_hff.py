@@ -295,20 +295,23 @@ def test_clean_adv_pairing_forwards_both_batches_together():
     x = tf.constant(np.random.default_rng(3).uniform(size=(8, 28, 28, 1)).astype("float32"))
     y = tf.constant(np.arange(8))
     x_adv = adv.objective.adversarial_examples(adv.model, adv.attack, x, y)
-    got = adv.objective.outputs(adv.model, x_adv, y, training=True)["logits"]
+    got = adv.objective.outputs(adv.model, x_adv, y, training=True, partner=x)["logits"]
     both = forward(adv.model, tf.concat([x_adv, x], 0), training=True,
                    labels=tf.concat([y, y], 0))["logits"][:8]
     alone = forward(adv.model, x_adv, training=True, labels=y)["logits"]
     np.testing.assert_allclose(got, both, rtol=1e-4, atol=1e-4)
     assert not np.allclose(got, alone, atol=1e-3)
-    # An input that is neither of the pair is paired with itself.
+    # The defense's loss passes the clean batch as the adversarial one's partner.
+    _, logits = adv.objective.loss(adv.model, x, x_adv, y)
+    np.testing.assert_allclose(logits, both, rtol=1e-4, atol=1e-4)
+    # An input given no partner is paired with itself.
     other = tf.constant(np.random.default_rng(4).uniform(size=(8, 28, 28, 1)).astype("float32"))
     np.testing.assert_allclose(
         adv.objective.outputs(adv.model, other, y, training=True)["logits"],
         forward(adv.model, tf.concat([other, other], 0), training=True,
                 labels=tf.concat([y, y], 0))["logits"][:8], rtol=1e-4, atol=1e-4)
     # The clean batch is paired with the adversarial one the other way round.
-    got_clean = adv.objective.outputs(adv.model, x, y, training=True)["logits"]
+    got_clean = adv.objective.outputs(adv.model, x, y, training=True, partner=x_adv)["logits"]
     np.testing.assert_allclose(got_clean, forward(
         adv.model, tf.concat([x, x_adv], 0), training=True, labels=tf.concat([y, y], 0))[
         "logits"][:8], rtol=1e-4, atol=1e-4)

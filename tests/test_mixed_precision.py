@@ -96,7 +96,7 @@ def test_fat_and_apgd_under_float16_are_as_strong_as_under_float32(kind, trained
                                                                    fashion_test):
     """Their own gradient loops (early stopping, momentum) use the float16-safe gradient."""
     from again_tf.attacks.apgd import APGD
-    from again_tf.defenses.fat import EarlyStoppedPGD
+    from again_tf.attacks import EarlyStoppedPGD
 
     x, y = fashion_test[0][:300], fashion_test[1][:300]
     accuracy = {}

@@ -196,7 +196,7 @@ def test_config_round_trip(arch):
                            inserts={"penultimate": ScaleWithAuxHead(3)})
     config = model.get_config()
     params = set(inspect.signature(type(model).__init__).parameters) - {"self", "kwargs"}
-    params |= {"aux_weight"}  # Classifier's, passed on through **kwargs
+    params |= {"aux_weight", "sync_batchnorm"}  # Classifier's, passed on through **kwargs
     assert params <= set(config)
     assert set(config) - params <= {"name", "trainable", "dtype"}
     clone = type(model).from_config(config)
@@ -205,6 +205,25 @@ def test_config_round_trip(arch):
     assert isinstance(clone.inserts["penultimate"], ScaleWithAuxHead)
     again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(model))
     assert type(again) is type(model) and again.get_config() == config
+
+
+def test_synchronized_batchnorm_is_a_saved_classifier_argument(tmp_path):
+    """`sync_batchnorm=True` reaches every BatchNorm layer, those the blocks make when
+    built included, and comes back with the saved model; the default stays per-replica."""
+    def batchnorms(model):
+        return [layer for layer in model._flatten_layers()
+                if isinstance(layer, keras.layers.BatchNormalization)]
+
+    plain, x = built("resnet18")
+    assert batchnorms(plain) and not any(bn.synchronized for bn in batchnorms(plain))
+    synced = models.build("resnet18", 10, width=4, sync_batchnorm=True)
+    synced.build((None,) + tuple(x.shape[1:]))
+    assert len(batchnorms(synced)) == len(batchnorms(plain))
+    assert all(bn.synchronized for bn in batchnorms(synced))
+    path = str(tmp_path / "synced.keras")
+    synced.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.sync_batchnorm and all(bn.synchronized for bn in batchnorms(loaded))
 
 
 @pytest.mark.parametrize("block", [

@@ -269,11 +269,13 @@ def test_awp_repository_recipes_attack_in_train_mode_and_mart_wrn_is_official():
               "cifar10_resnet18_pgd_at.cfg")
     for name in at_awp:
         assert read_flagfile(name).get("attack_training") == "true", name
+        assert read_flagfile(name).get("attack_updates_statistics") == "true", name
     # TRADES-AWP and every other official code attack in eval mode.
     others = [n for n in os.listdir(os.path.join(ROOT, "flags"))
               if n.startswith("cifar10_") and n.endswith(".cfg") and n not in at_awp]
     assert "cifar10_wrn34_10_trades_awp.cfg" in others
-    assert not any("attack_training" in read_flagfile(n) for n in others)
+    assert not any("attack_training" in read_flagfile(n)
+                   or "attack_updates_statistics" in read_flagfile(n) for n in others)
     mart = read_flagfile("cifar10_wrn34_10_mart.cfg")  # YisenWang/MART train_wideresnet.py
     assert (mart["epochs"], mart["weight_decay"], mart["lr_milestones"]) == ("90", "7e-4",
                                                                              "74,89")
@@ -289,3 +291,48 @@ def test_train_config_attack_training_reaches_the_attack():
     assert AdversarialModel.from_config(adv.get_config()).attack_training
     default, _ = training.resolve(training.TrainConfig(**small))
     assert not training.build(default, data.info("fashion_mnist")).attack.training
+
+
+def batchnorm_model(momentum):
+    """Flatten → BatchNorm → Dense: one forward pass's effect on the moving mean and
+    variance can be computed in NumPy."""
+    return keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(),
+                             keras.layers.BatchNormalization(momentum=momentum),
+                             keras.layers.Dense(3)])
+
+
+@pytest.mark.parametrize("update", [False, True])
+def test_train_mode_attack_updates_statistics_only_when_asked(update):
+    from again_tf.attacks import PGD
+    momentum = 0.9
+    model = batchnorm_model(momentum)
+    bn = model.layers[1]
+    x = np.random.default_rng(0).uniform(size=(16, 4, 4, 1)).astype(np.float32)
+    y = np.arange(16) % 3
+    before_mean, before_var = bn.moving_mean.numpy(), bn.moving_variance.numpy()
+    # One step from no random start: exactly one training-mode forward pass, on x itself.
+    attack = PGD(model, 0.1, 0.05, 1, random_start="none", training=True,
+                 update_statistics=update)
+    attack(x, y)
+    flat = x.reshape(16, -1).astype(np.float64)
+    if update:  # PyTorch's train-mode attack: the pass at x moves the statistics
+        want_mean = momentum * before_mean + (1 - momentum) * flat.mean(0)
+        want_var = momentum * before_var + (1 - momentum) * flat.var(0)
+    else:
+        want_mean, want_var = before_mean, before_var
+    np.testing.assert_allclose(bn.moving_mean.numpy(), want_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), want_var, rtol=1e-4, atol=1e-6)
+
+
+def test_attack_updates_statistics_needs_the_train_mode_attack():
+    from again_tf.attacks import PGD
+    with pytest.raises(ValueError, match="training=True"):
+        PGD(batchnorm_model(0.9), 0.1, 0.05, 1, update_statistics=True)
+    with pytest.raises(ValueError, match="--attack_updates_statistics needs --attack_training"):
+        training.validate(training.TrainConfig(defense="pgd_at", model="small_cnn", width=4,
+                                               attack_updates_statistics=True))
+    small = dict(defense="pgd_at", model="small_cnn", width=4, attack_training=True)
+    cfg, info = training.resolve(training.TrainConfig(attack_updates_statistics=True, **small))
+    adv = training.build(cfg, info)
+    assert adv.attack.training and adv.attack.update_statistics
+    assert AdversarialModel.from_config(adv.get_config()).attack.update_statistics

@@ -1,7 +1,8 @@
 """Auto-PGD (Croce & Hein, ICML 2020): APGD-CE, APGD-DLR and the targeted APGD-T.
 
-Also holds what the AutoAttack components (apgd.py, fab.py, square.py) share: per-example
-norms, stateless seeds, and running an attack on the subset of a batch still robust.
+Also holds what the AutoAttack components (apgd.py, fab.py, square.py) share besides the
+geometry (`geometry.py`): stateless seeds, and running an attack on the subset of a batch
+still robust.
 """
 
 import keras
@@ -9,41 +10,10 @@ import tensorflow as tf
 
 from again_tf.attacks import losses
 from again_tf.attacks.base import NORMS, Attack
-
-_TINY = 1e-12
+from again_tf.attacks.geometry import normalize, per_example, project_ball
 
 
 # ----------------------------------------------------------------------------- helpers
-def batch_norm(t, norm):
-    """Per-example L∞ or L2 norm of `t` (batch first), shape `(batch,)`."""
-    flat = tf.reshape(t, (tf.shape(t)[0], -1))
-    if norm == "linf":
-        return tf.reduce_max(tf.abs(flat), axis=1)
-    return tf.sqrt(tf.reduce_sum(tf.square(flat), axis=1))
-
-
-def per_example(v, like):
-    """Reshapes a `(batch,)` vector to broadcast against `like` (batch, ...)."""
-    return tf.reshape(v, tf.concat([tf.shape(v), tf.ones([tf.rank(like) - 1], tf.int32)], 0))
-
-
-def normalize(t, norm):
-    """`t / (‖t‖ + 1e-12)` per example, as in the official APGD code."""
-    return t / per_example(batch_norm(t, norm) + _TINY, t)
-
-
-def project_ball(x_adv, x, eps, norm):
-    """AutoAttack's projection: onto the ε-ball around `x`, then clipped to [0, 1].
-
-    L∞: clip to [x − ε, x + ε]; L2: `x + δ/‖δ‖ · min(ε, ‖δ‖)` (δ = x_adv − x).
-    """
-    if norm == "linf":
-        return tf.clip_by_value(tf.clip_by_value(x_adv, x - eps, x + eps), 0.0, 1.0)
-    delta = x_adv - x
-    length = per_example(batch_norm(delta, "l2"), delta)
-    return tf.clip_by_value(x + delta / (length + _TINY) * tf.minimum(eps, length), 0.0, 1.0)
-
-
 def draw_seed(seed_generator):
     """One `[2]` int32 seed for the stateless random ops of one `perturb` call.
 
@@ -95,32 +65,21 @@ def merge_fooled(robust, adv, idx, adv_sub, fooled):
 class SubsetAttack(Attack):
     """An `Attack` compiled once for any batch size (the AutoAttack components).
 
-    Its `__call__` is a `tf.function` with a `None` batch dimension, so batches of any
-    size (the robust points left by an earlier attack, the last partial batch) reuse one
-    trace. The attacks work on dynamically sized subsets, so they are not XLA-compiled.
+    Its compiled call (as every `Attack`'s) has a `None` batch dimension, so batches of
+    any size (the robust points left by an earlier attack, the last partial batch) reuse
+    one trace. The attacks work on dynamically sized subsets, so they are not
+    XLA-compiled.
     """
+
+    _autograph = False
 
     def __init__(self, model, eps, norm="linf", seed=None, training=False, **kwargs):
         if norm not in NORMS:
             raise ValueError(f"Unknown norm {norm!r}. Expected one of: {', '.join(NORMS)}")
         super().__init__(model, eps, norm=norm, seed=seed, training=training, **kwargs)
-        self._signature_fn = None
 
     def logits(self, x):
         return tf.cast(super().logits(x), tf.float32)
-
-    def __call__(self, x, y):
-        if y is None:
-            raise ValueError("Attacks need the labels `y`; they never fall back to the "
-                             "model's predictions.")
-        x = tf.convert_to_tensor(x, tf.float32)
-        y = tf.cast(tf.convert_to_tensor(y), tf.int32)
-        if self._signature_fn is None:
-            spec = [tf.TensorSpec((None,) + tuple(x.shape[1:]), tf.float32),
-                    tf.TensorSpec((None,), tf.int32)]
-            self._signature_fn = tf.function(lambda a, b: self.perturb(a, b), autograph=False,
-                                             input_signature=spec)
-        return self._signature_fn(x, y)
 
 
 # ----------------------------------------------------------------------------- APGD

@@ -11,7 +11,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from again_tf.attacks.apgd import APGD, APGDT, batch_norm
+from again_tf.attacks.apgd import APGD, APGDT
+from again_tf.attacks.geometry import batch_norm
 from again_tf.attacks.fab import FAB
 from again_tf.attacks.square import Square
 from again_tf.models.base import forward
@@ -227,8 +228,15 @@ class AutoAttack:
                   f"(max {self.norm} perturbation {result['max_perturbation']:.5f})")
         return result
 
-    def __call__(self, x, y):
-        """The cascade on one batch; returns its adversarial examples (clean where none)."""
+    def __call__(self, x, y, loss_fn=None):
+        """The cascade on one batch; returns its adversarial examples (clean where none).
+
+        Each component attacks its own loss; `loss_fn` is refused (to attack a model's
+        other heads, `evaluation.evaluate(..., loss="adaptive")`)."""
+        if loss_fn is not None:
+            raise ValueError("AutoAttack runs its components' own losses; it takes no "
+                             "`loss_fn` (for auxiliary heads use evaluation.evaluate(..., "
+                             "loss='adaptive'))")
         return tf.convert_to_tensor(self.run(np.asarray(x), np.asarray(y),
                                              batch_size=max(len(y), 1))["x_adv"])
 

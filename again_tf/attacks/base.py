@@ -1,6 +1,5 @@
 """What every attack shares: the model, the ε-ball, the [0, 1] box, BatchNorm mode, seeds."""
 
-import functools
 import warnings
 
 import keras
@@ -8,10 +7,10 @@ import numpy as np
 import tensorflow as tf
 
 from again_tf.attacks import losses
+from again_tf.attacks.geometry import project  # noqa: F401 (attacks.base.project, as before)
 from again_tf.models.base import forward
 
 NORMS = ("linf", "l2")
-_TINY = 1e-12
 
 
 def _host_array(t):
@@ -84,20 +83,6 @@ PROBABILITIES_WARNING = (
     "are computed on the wrong quantity")
 
 
-def _per_example_norm(t):
-    return tf.sqrt(tf.reduce_sum(tf.square(t), axis=tf.range(1, tf.rank(t)), keepdims=True))
-
-
-def project(x_adv, x, eps, norm):
-    """Projects `x_adv` onto the ε-ball around `x` (L∞ or L2) intersected with [0, 1]."""
-    delta = x_adv - x
-    if norm == "linf":
-        delta = tf.clip_by_value(delta, -eps, eps)
-    else:
-        delta *= tf.minimum(1.0, eps / (_per_example_norm(delta) + _TINY))
-    return tf.clip_by_value(x + delta, 0.0, 1.0)
-
-
 def compute_dtype(model):
     """The dtype `model` computes in: "float16" under the "mixed_float16" policy."""
     policy = getattr(model, "dtype_policy", None)
@@ -165,32 +150,29 @@ class Attack:
         training: the BatchNorm/dropout mode the model runs in during the attack.
             Default False (inference mode). With True, any state the forward pass
             updates (BatchNorm moving statistics) is restored afterwards, so the attack
-            never leaks into the model's training statistics.
+            never leaks into the model's training statistics, unless
+            `update_statistics`.
+        update_statistics: with `training=True`, keep what every attack iterate's
+            forward pass writes into the model's state (BatchNorm moving statistics), as
+            a PyTorch attack run after `model.train()` does (the AWP repository's
+            AT_AWP/train_cifar10.py). Default False.
         seed: seed of the attack's `keras.random.SeedGenerator`; every call draws fresh
             noise, also inside a compiled `tf.function` or under XLA.
         jit_compile: compile `__call__` with XLA.
 
-    Call `attack(x, y)` on a batch; labels are required (the attack never substitutes
-    the model's own predictions). Inside a `tf.function` (a `train_step`), call
-    `attack.perturb(x, y, loss_fn)` with a custom per-example loss of the adversarial
-    input instead.
+    Call `attack(x, y)` on a batch, or `attack(x, y, loss_fn)` with a custom per-example
+    loss `loss_fn(x_adv, y) -> (batch,)` of the adversarial input (e.g.
+    `heads.objective_fn(model, "aux")`); labels are required (the attack never
+    substitutes the model's own predictions). Both are compiled (`compiled`). Inside a
+    `tf.function` (a `train_step`), call `attack.perturb(x, y, loss_fn)`, the same
+    attack uncompiled.
     """
 
-    def __init_subclass__(cls, **kwargs):
-        # Every attack's own __call__ (SubsetAttack's...) checks its inputs first too.
-        super().__init_subclass__(**kwargs)
-        call = cls.__dict__.get("__call__")
-        if call is not None and not getattr(call, "_checks_inputs", False):
-            @functools.wraps(call)
-            def checked(self, x, y, *args, **kwargs):
-                self.check_inputs(x, y)
-                return call(self, x, y, *args, **kwargs)
-
-            checked._checks_inputs = True
-            cls.__call__ = checked
+    # SubsetAttack's components trace without AutoGraph (their loops are tf.while_loop).
+    _autograph = True
 
     def __init__(self, model, eps, norm="linf", loss="ce", targeted=False, training=False,
-                 seed=None, jit_compile=False):
+                 seed=None, jit_compile=False, update_statistics=False):
         if not 0.0 < float(eps) <= 1.0:
             raise ValueError(f"Expected `eps` in (0, 1] (pixel units). Received: eps={eps}")
         if norm not in NORMS:
@@ -201,9 +183,13 @@ class Attack:
         self.loss = losses.get(loss)
         self.targeted = bool(targeted)
         self.training = bool(training)
+        if update_statistics and not self.training:
+            raise ValueError("`update_statistics=True` needs `training=True` (in inference "
+                             "mode the attack writes no statistics)")
+        self.update_statistics = bool(update_statistics)
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.jit_compile = bool(jit_compile)
-        self._compiled = None
+        self._compiled = {}
         self._num_classes = None
 
     def check_inputs(self, x, y):
@@ -239,7 +225,7 @@ class Attack:
         """
         x = tf.convert_to_tensor(x, tf.float32)
         loss_fn = loss_fn or self.default_loss
-        if not self.training:
+        if not self.training or self.update_statistics:
             return tf.stop_gradient(self._perturb(x, y, loss_fn))
         state = self.model.non_trainable_variables
         saved = [tf.identity(v) for v in state]
@@ -269,16 +255,36 @@ class Attack:
         grad = tape.gradient(total, x_adv)
         return grad, loss
 
-    def __call__(self, x, y):
+    def compiled(self, loss_fn=None, image_shape=None):
+        """The compiled attack `fn(x, y)` for `loss_fn` (None: the attack's own loss).
+
+        Traced once per `loss_fn` and image shape, for any batch size (the batch
+        dimension is left free; labels int32), and kept by the attack: the key is the
+        function object itself, so the caller should pass the same object each time.
+        """
+        key = (loss_fn, None if image_shape is None else tuple(image_shape))
+        fn = self._compiled.get(key)
+        if fn is None:
+            signature = None
+            if image_shape is not None:
+                signature = [tf.TensorSpec((None,) + tuple(image_shape), tf.float32),
+                             tf.TensorSpec((None,), tf.int32)]
+            fn = tf.function(lambda a, b: self.perturb(a, b, loss_fn), input_signature=signature,
+                             jit_compile=self.jit_compile, autograph=self._autograph,
+                             reduce_retracing=signature is None)
+            self._compiled[key] = fn
+        return fn
+
+    def __call__(self, x, y, loss_fn=None):
+        """Adversarial examples for `(x, y)`; `loss_fn(x_adv, y) -> (batch,)` replaces
+        the attack's own loss. Inputs checked on the host, then the compiled attack."""
         if y is None:
             raise ValueError("Attacks need the labels `y` (targets when targeted=True); "
                              "they never fall back to the model's predictions.")
         self.check_inputs(x, y)
-        if self._compiled is None:
-            self._compiled = tf.function(
-                lambda a, b: self.perturb(a, b), jit_compile=self.jit_compile,
-                reduce_retracing=True)
-        return self._compiled(tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(y))
+        x = tf.convert_to_tensor(x, tf.float32)
+        y = tf.cast(tf.convert_to_tensor(y), tf.int32)
+        return self.compiled(loss_fn, x.shape[1:])(x, y)
 
     def __repr__(self):
         return f"{type(self).__name__}(eps={self.eps:g}, norm={self.norm!r})"

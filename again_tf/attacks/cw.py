@@ -6,7 +6,8 @@ C&W-∞ as the robustness papers report it (PGD on the C&W margin loss) is `PGD(
 
 import tensorflow as tf
 
-from again_tf.attacks.apgd import SubsetAttack, batch_norm, per_example
+from again_tf.attacks.apgd import SubsetAttack
+from again_tf.attacks.geometry import batch_norm, per_example
 
 _NONE = 1e10
 

@@ -12,8 +12,8 @@ import math
 
 import tensorflow as tf
 
-from again_tf.attacks.apgd import (SubsetAttack, batch_norm, draw_seed, fold, normalize,
-                                   on_robust_subset, per_example)
+from again_tf.attacks.apgd import SubsetAttack, draw_seed, fold, on_robust_subset
+from again_tf.attacks.geometry import batch_norm, normalize, per_example
 
 _BIG = 1e10
 

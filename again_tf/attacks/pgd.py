@@ -3,7 +3,8 @@
 import keras
 import tensorflow as tf
 
-from again_tf.attacks.base import Attack, _per_example_norm, _TINY, project
+from again_tf.attacks.base import Attack
+from again_tf.attacks.geometry import TINY, l2_norm_keepdims, project
 
 STARTS = ("uniform", "normal", "none")
 
@@ -60,7 +61,7 @@ class PGD(Attack):
             noise = keras.random.uniform(shape, -self.eps, self.eps, seed=self.seed_generator)
         else:
             direction = keras.random.normal(shape, seed=self.seed_generator)
-            direction /= _per_example_norm(direction) + _TINY
+            direction /= l2_norm_keepdims(direction) + TINY
             radius = keras.random.uniform(tf.concat([shape[:1], tf.ones_like(shape[1:])], 0),
                                           0.0, self.eps, seed=self.seed_generator)
             noise = direction * radius
@@ -72,7 +73,7 @@ class PGD(Attack):
             grad = -grad
         if self.norm == "linf":
             return x_adv + self.step_size * tf.sign(grad)
-        return x_adv + self.step_size * grad / (_per_example_norm(grad) + _TINY)
+        return x_adv + self.step_size * grad / (l2_norm_keepdims(grad) + TINY)
 
     def _perturb(self, x, y, loss_fn):
         def body(i, x_adv):

@@ -9,8 +9,8 @@ import math
 import tensorflow as tf
 
 from again_tf.attacks import losses
-from again_tf.attacks.apgd import (SubsetAttack, batch_norm, draw_seed, normalize,
-                                   on_robust_subset, per_example)
+from again_tf.attacks.apgd import SubsetAttack, draw_seed, on_robust_subset
+from again_tf.attacks.geometry import batch_norm, normalize, per_example
 
 # Iterations after which p (the fraction of pixels changed per query) is halved; the
 # official `p_selection` without rescaling, as AutoAttack runs it.

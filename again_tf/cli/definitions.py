@@ -90,7 +90,12 @@ def define_train():
                       "training mode (batch statistics), as the AWP repository's "
                       "AT_AWP/train_cifar10.py (PGD-AT, AT-AWP) does; default inference mode, "
                       "as the TRADES, MART, TRADES-AWP, CAS, CIFS and AGAIN code. The "
-                      "attack never changes the running statistics either way.")
+                      "attack leaves the running statistics as they were unless "
+                      "--attack_updates_statistics.")
+    flags.DEFINE_bool("attack_updates_statistics", False, "With --attack_training: every "
+                      "attack iterate's forward pass updates the BatchNorm running "
+                      "statistics, as the official train-mode attack (AT_AWP/train_cifar10.py) "
+                      "does.")
     flags.DEFINE_integer("eval_steps", 10, "PGD steps of the per-epoch validation attack.")
     flags.DEFINE_integer("val_size", None, "Training examples held out for validation "
                          "(selects best.keras); 0: no validation. Default: 500 for 28x28 "
@@ -131,8 +136,8 @@ def define_evaluate():
                         "(its model.keras; --checkpoint=best for best.keras).")
     flags.DEFINE_enum("checkpoint", "final", ["final", "best"], "Which model of a run folder.")
     flags.DEFINE_list("attacks", ["clean", "pgd10", "pgd20", "cw"], "Attacks: clean, fgsm, "
-                      "pgdK (e.g. pgd20), cw or cwK (C&W-inf), tpgd or tpgdK "
-                      "(Temperature-PGD), aa (AutoAttack standard), aa_plus, aa_rand, "
+                      "pgdK (e.g. pgd20), cw or cwK (C&W-inf), temp_pgd or "
+                      "temp_pgdK (Temperature-PGD; old alias tpgd), aa (AutoAttack standard), aa_plus, aa_rand, "
                       "apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square, cwl2 (C&W-L2).")
     flags.DEFINE_integer("num_images", 1000, "Evaluate on the first N test images (0: all).")
     flags.DEFINE_string("report", None, "JSON report path; the Markdown table and the PNG "
@@ -142,7 +147,7 @@ def define_evaluate():
         define = flags.DEFINE_float if isinstance(default, float) else flags.DEFINE_integer
         define(name, default, catalog.ATTACK_OPTION_HELP[name])
     flags.DEFINE_string("loss", "adaptive", "Attack objective of the gradient attacks "
-                        "(fgsm, pgdK, cw, tpgd, apgd-ce, apgd-dlr): main (each attack's own "
+                        "(fgsm, pgdK, cw, temp_pgd, apgd-ce, apgd-dlr): main (each attack's own "
                         "loss on the main logits), combined (main + beta*mean over the "
                         "auxiliary heads of the same loss, beta the model's trained "
                         "aux_weight, default 2), aux (the auxiliary heads alone), "

@@ -1,12 +1,14 @@
 """`AdversarialModel`: any Keras classifier, trained by `fit` on adversarial examples."""
 
+import functools
 import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from again_tf.attacks import losses, objectives
+from again_tf import heads
+from again_tf.attacks import losses
 from again_tf.attacks.base import (PROBABILITIES_WARNING, check_images, check_labels,
                                    looks_like_probabilities)
 from again_tf.attacks.pgd import PGD
@@ -77,8 +79,13 @@ class AdversarialModel(keras.Model):
             AGAIN code (`model.eval()` during the attack). True: batch statistics, as the
             AWP repository's AT_AWP/train_cifar10.py (its PGD-AT and AT-AWP), which calls
             `model.train()` only after `attack_pgd` (`--attack_training` in their
-            recipes). The attack never changes the model's running statistics here; the
-            official train-mode attack also folds every attack iterate into them.
+            recipes). The attack leaves the model's running statistics as they were
+            unless `attack_updates_statistics`.
+        attack_updates_statistics: with `attack_training`, let every attack iterate's
+            forward pass update the BatchNorm running statistics, as the official
+            train-mode attack does (the statistics then average the clean-ish early
+            iterates with the adversarial ones, and depend on the number of steps).
+            Default False; the AWP repository's recipes set it.
         weight_decay: coupled L2 decay added to every gradient, `g + wd·w`, for all
             trainable variables of `model`, as `torch.optim.SGD(weight_decay=...)` in the papers'
             code does (Keras' own optimizer `weight_decay` is decoupled, a different
@@ -95,7 +102,7 @@ class AdversarialModel(keras.Model):
 
     def __init__(self, model, defense="pgd_at", eps=8 / 255, step_size=None, steps=10,
                  norm="linf", eval_steps=10, eval_step_size=None, attack_training=False,
-                 weight_decay=0.0, modifiers=(), seed=None, **hparams):
+                 attack_updates_statistics=False, weight_decay=0.0, modifiers=(), seed=None, **hparams):
         name = hparams.pop("name", None)
         super().__init__(name=name, **{k: hparams.pop(k) for k in ("dtype", "trainable")
                                        if k in hparams})
@@ -117,9 +124,15 @@ class AdversarialModel(keras.Model):
         self.eval_steps = int(eval_steps)
         self.eval_step_size = float(eval_step_size) if eval_step_size else self.step_size
         self.attack_training = bool(attack_training)
+        if attack_updates_statistics and not self.attack_training:
+            raise ValueError("AdversarialModel: `attack_updates_statistics=True` needs "
+                             "`attack_training=True` (an inference-mode attack writes no "
+                             "statistics)")
+        self.attack_updates_statistics = bool(attack_updates_statistics)
         self.weight_decay = float(weight_decay)
         self.attack = self.objective.make_attack(model, self.eps, self.step_size, self.steps, norm=norm,
                                   training=self.attack_training, seed=seed,
+                                  update_statistics=self.attack_updates_statistics,
                                   **self.objective.attack_options)
         self.eval_attack = None
         if self.eval_steps > 0:
@@ -230,6 +243,12 @@ class AdversarialModel(keras.Model):
         if self.train_function is not None and not force:
             return self.train_function
 
+        # No public hook compiles a step of our own: `make_train_function` is public, but
+        # Keras' private `_make_function` is what wraps a step in its tf.function, its
+        # distribution (`strategy.run` and the reduction of the logs) and
+        # `steps_per_execution`; writing those again would copy Keras. Without it (another
+        # Keras version) we fall back to one step function (checked above); the due and
+        # other steps are tested to match one device in tests/test_distribution.py.
         def traced_with(due):
             def step(data):
                 self.objective.periodic_due = due
@@ -328,9 +347,12 @@ class AdversarialModel(keras.Model):
         self.built = True
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Under a strategy Keras builds the model from the first batch averaged over the
-        # replicas, which MultiWorkerMirroredStrategy cannot do eagerly; a built model needs
-        # no batch (only its optimizer is left to build).
+        # A private Keras method, overridden because no public hook runs at this point:
+        # `fit` calls it before the first step, and `build` cannot stop it. Under a
+        # strategy Keras builds the model from the first batch averaged over the
+        # replicas, which MultiWorkerMirroredStrategy cannot do eagerly; a built model
+        # needs no batch (only its optimizer is left to build). Tested by the multi-worker
+        # run in tests/test_distribution.py.
         compiled = [getattr(self, "_compile_metrics", None), getattr(self, "_compile_loss", None)]
         if (iterator is not None and self._distribute_strategy is not None
                 and all(layer.built for layer in self._flatten_layers())
@@ -372,28 +394,32 @@ class AdversarialModel(keras.Model):
             self.build(tuple(x.shape))
         self.objective.before_attack(self, x, y)
         x_adv = self.objective.adversarial_examples(self.model, self.attack, x, y)
-        for m in self.modifiers:
-            m.before_gradient(self, lambda: self.batch_loss(x, x_adv, y, sample_weight,
-                                                            index)[0])
         variables = self.trainable_variables
-        with tf.GradientTape() as tape:
-            loss, logits = self.batch_loss(x, x_adv, y, sample_weight, index)
-            total = loss
-            if self.weight_decay:
-                # d/dw of wd/2·‖w‖² is wd·w: torch's coupled decay, correct under replicas
-                # and loss scaling because it goes through the same path as the loss.
-                decayed = self.model.trainable_variables + list(
-                    self.objective.decayed_variables)
-                total += 0.5 * self.weight_decay * tf.add_n(
-                    [tf.reduce_sum(tf.square(v)) for v in decayed])
-            scaled = self.optimizer.scale_loss(scale_for_replicas(total))
-        grads = tape.gradient(scaled, variables)
+
+        def loss_fn():
+            return self.batch_loss(x, x_adv, y, sample_weight, index)[0]
+
+        def take_gradients():
+            with tf.GradientTape() as tape:
+                loss, logits = self.batch_loss(x, x_adv, y, sample_weight, index)
+                total = loss
+                if self.weight_decay:
+                    # d/dw of wd/2·‖w‖² is wd·w: torch's coupled decay, correct under
+                    # replicas and loss scaling because it goes the same path as the loss.
+                    decayed = self.model.trainable_variables + list(
+                        self.objective.decayed_variables)
+                    total += 0.5 * self.weight_decay * tf.add_n(
+                        [tf.reduce_sum(tf.square(v)) for v in decayed])
+                scaled = self.optimizer.scale_loss(scale_for_replicas(total))
+            return tape.gradient(scaled, variables), (loss, logits)
+
+        for m in reversed(self.modifiers):  # the first modifier outermost
+            take_gradients = functools.partial(m.gradients, self, loss_fn, take_gradients)
+        grads, (loss, logits) = take_gradients()
         if not self.optimizer.built:  # on all of them, as a resumed run builds it
             self.optimizer.build(variables)
         # Variables the loss does not reach (e.g. a strategy net trained its own way).
         grads, variables = zip(*[(g, v) for g, v in zip(grads, variables) if g is not None])
-        for m in reversed(self.modifiers):
-            m.after_gradient(self)
         self.optimizer.apply(grads, variables)
         self.loss_tracker.update_state(loss)
         self.accuracy_tracker.update_state(y, logits)
@@ -416,22 +442,16 @@ class AdversarialModel(keras.Model):
             result.append(self.robust_accuracy)
         elif self.eval_attack is not None:
             # Auxiliary heads (a Python list: known at trace time) pick the channel masks at
-            # inference, so the validation attack runs on each of `objectives.HEAD_OBJECTIVES`
+            # inference, so the validation attack runs on each of `heads.HEAD_OBJECTIVES`
             # (main, combined, aux) and an example is robust only if correct under all: the
             # logged logits are, per example, those of the first objective that fooled it.
-            beta = getattr(self.objective, "aux_weight", objectives.DEFAULT_AUX_WEIGHT)
-            worst = None
-            for name in objectives.HEAD_OBJECTIVES:
-                loss_fn = objectives.objective_fn(self.model, name, self.eval_attack.loss, beta)
-                adv_logits = forward(self.model, self.eval_attack.perturb(x, y, loss_fn),
-                                     training=False)["logits"]
-                if worst is None:
-                    worst = adv_logits
-                    continue
-                fooled = tf.not_equal(tf.argmax(worst, -1, output_type=tf.int32),
-                                      tf.cast(y, tf.int32))
-                worst = tf.where(fooled[:, None], worst, adv_logits)
-            self.robust_accuracy.update_state(y, worst)
+            beta = getattr(self.objective, "aux_weight", heads.DEFAULT_AUX_WEIGHT)
+            adv_logits = []
+            for name in heads.HEAD_OBJECTIVES:
+                loss_fn = heads.objective_fn(self.model, name, self.eval_attack.loss, beta)
+                adv_logits.append(forward(self.model, self.eval_attack.perturb(x, y, loss_fn),
+                                          training=False)["logits"])
+            self.robust_accuracy.update_state(y, heads.worst_logits(adv_logits, y))
             result.append(self.robust_accuracy)
         return step_logs(result)
 
@@ -445,6 +465,7 @@ class AdversarialModel(keras.Model):
             defense=self.defense_name, eps=self.eps, step_size=self.step_size,
             steps=self.steps, norm=self.norm, eval_steps=self.eval_steps,
             eval_step_size=self.eval_step_size, attack_training=self.attack_training,
+            attack_updates_statistics=self.attack_updates_statistics,
             weight_decay=self.weight_decay, seed=self.seed,
             pieces={"objective": keras.saving.serialize_keras_object(self.objective),
                     "modifiers": [keras.saving.serialize_keras_object(m)

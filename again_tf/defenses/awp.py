@@ -4,7 +4,7 @@ import keras
 import tensorflow as tf
 
 from again_tf.defenses.base import Modifier
-from again_tf.distribute import ReplicaLocal, num_replicas, scale_for_replicas, sum_over_replicas
+from again_tf.distribute import num_replicas, scale_for_replicas, sum_over_replicas
 
 # The official `diff_in_weights`: ‖w‖ / (‖d‖ + 1e-20) · d.
 _EPS = 1e-20
@@ -69,7 +69,6 @@ class AWP(Modifier):
         self.proxy_lr = float(proxy_lr)
         self.epoch = self.add_weight(shape=(), dtype="int32", initializer="zeros",
                                      trainable=False, name="epoch")
-        self._saved = ReplicaLocal()  # w, from before_gradient to after_gradient
 
     def set_epoch(self, epoch):
         """Called at each epoch's start by the `AdversarialModel`'s callback."""
@@ -102,10 +101,11 @@ class AWP(Modifier):
                 deltas.append(self.gamma * tf.norm(w) / (tf.norm(d) + _EPS) * d)
             return deltas
 
-    def before_gradient(self, adv_model, loss_fn):
+    def gradients(self, adv_model, loss_fn, take_gradients):
+        """`take_gradients()` at w + v; w is put back (by assignment, bit for bit) once
+        the gradients are taken, before anything else reads the weights."""
         variables = self.perturbed_variables(adv_model)
         saved = [tf.identity(v) for v in variables]
-        self._saved.set(saved)
         with tf.control_dependencies(saved):
             if num_replicas() > 1:  # a cross-replica sum cannot sit inside tf.cond
                 on = self.epoch >= self.awp_warmup
@@ -115,12 +115,15 @@ class AWP(Modifier):
                 deltas = tf.cond(self.epoch >= self.awp_warmup,
                                  lambda: self.perturbation(adv_model, loss_fn, variables),
                                  lambda: [tf.zeros_like(v) for v in variables])
-        for v, d in zip(variables, deltas):
-            v.assign_add(d)
-
-    def after_gradient(self, adv_model):
-        for v, s in zip(self.perturbed_variables(adv_model), self._saved.pop()):
-            v.assign(s)
+        perturbed = [v.assign_add(d) for v, d in zip(variables, deltas)]
+        with tf.control_dependencies(perturbed):
+            grads, logs = take_gradients()
+        taken = [g for g in tf.nest.flatten((grads, logs)) if g is not None]
+        with tf.control_dependencies(taken):
+            restored = [v.assign(s) for v, s in zip(variables, saved)]
+        with tf.control_dependencies(restored):
+            return ([None if g is None else tf.identity(g) for g in grads],
+                    tf.nest.map_structure(tf.identity, logs))
 
     def get_config(self):
         return {**super().get_config(), "gamma": self.gamma, "awp_warmup": self.awp_warmup,

@@ -2,15 +2,20 @@
 
 An objective says which inputs to train on (adversarial examples from its attack, or
 the clean batch) and the per-example loss on them; a modifier changes how that loss
-becomes a weight update (AWP perturbs the weights around the gradient; BAT reweights
+becomes a weight update (AWP takes the gradient at perturbed weights; BAT reweights
 examples; ...). `AdversarialModel.train_step` runs them in this order:
 
     x_adv = objective.adversarial_examples(model, attack, x, y)
-    for m in modifiers: m.before_gradient(adv_model, loss_fn)      # e.g. AWP: w ← w + v
-    loss = mean_i[ weight_i · objective.loss(model, x, x_adv, y)_i ]  (weights: modifiers)
-    grads = ∇_w loss
-    for m in reversed(modifiers): m.after_gradient(adv_model)      # e.g. AWP: w ← w − v
-    optimizer.apply(grads)
+    loss_fn = lambda: mean_i[ weight_i · objective.loss(model, x, x_adv, y)_i ]
+                                                   (weights: modifiers' example_weights)
+    take = lambda: ∇_w loss_fn()
+    for m in reversed(modifiers):                  # the first modifier outermost
+        take = lambda: m.gradients(adv_model, loss_fn, take)   # e.g. AWP: w+v, take, w
+    optimizer.apply(take())
+
+Everything a step needs is an argument or a local variable of that step: the clean and
+adversarial batches are passed to the loss, and a modifier's saved weights live inside
+its own `gradients` call.
 """
 
 import keras
@@ -18,21 +23,8 @@ import tensorflow as tf
 
 from again_tf.attacks import losses
 from again_tf.attacks.pgd import PGD
-from again_tf.distribute import ReplicaLocal
+from again_tf.heads import head_loss  # noqa: F401 (defenses.base.head_loss, as before)
 from again_tf.models.base import forward
-
-
-def head_loss(outputs, labels, loss, aux_weight):
-    """`loss(main logits) + aux_weight · mean_h loss(aux logits_h)` per example.
-
-    Models with inserted auxiliary heads (ASE, CAS, CIFS) are trained, and attacked,
-    on this combination; with no auxiliary heads it is `loss(main logits)`.
-    """
-    total = loss(outputs["logits"], labels)
-    aux = outputs["aux_logits"]
-    if aux:
-        total += aux_weight * tf.add_n([loss(a, labels) for a in aux]) / len(aux)
-    return total
 
 
 def needs_partner(model):
@@ -106,24 +98,19 @@ class Objective(keras.layers.Layer):
         """Creates the objective's own state, if any; `input_shape` is the images'."""
         self.built = True
 
-    def outputs(self, model, x, y, training):
+    def outputs(self, model, x, y, training, partner=None):
         """Forward pass; label-conditioned layers see `y` whenever a defense runs.
 
-        If `model` holds an inserted layer that `needs_partner` (AGAIN's HFF with
-        `pairing="clean_adv"`), a training-mode pass runs on `concat([x, partner])`,
-        where the partner of the adversarial batch is the clean batch and vice versa
-        (the pair `adversarial_examples` made last), and returns the outputs of `x`'s
-        half; an input with no partner is paired with itself (HFF is then the identity).
+        `partner`: the other half of the clean/adversarial pair (the clean batch for the
+        adversarial one and vice versa). If `model` holds an inserted layer that
+        `needs_partner` (AGAIN's HFF with `pairing="clean_adv"`), a training-mode pass
+        runs on `concat([x, partner])` and returns the outputs of `x`'s half; without a
+        partner, `x` is paired with itself (HFF is then the identity).
         """
         if not (training and needs_partner(model)):
             return forward(model, x, training=training, labels=y)
-        partner = x
-        pairs = getattr(self, "_clean_adv_pairs", None)  # a ReplicaLocal: one per replica
-        pair = (pairs.get() if pairs is not None else None) or ()
-        if len(pair) == 2 and x is pair[0]:
-            partner = pair[1]
-        elif len(pair) == 2 and x is pair[1]:
-            partner = pair[0]
+        if partner is None:
+            partner = x
         size = tf.shape(x)[0]
         out = forward(model, tf.concat([x, partner], 0), training=training,
                       labels=tf.concat([y, y], 0))
@@ -142,11 +129,7 @@ class Objective(keras.layers.Layer):
         """The inputs this objective trains on (the clean batch if `uses_attack` is False)."""
         if not self.uses_attack:
             return x
-        x_adv = attack.perturb(x, y, self.attack_loss(model, x, y))
-        if getattr(self, "_clean_adv_pairs", None) is None:
-            self._clean_adv_pairs = ReplicaLocal()
-        self._clean_adv_pairs.set((x, x_adv))  # looked up by identity in `outputs`
-        return x_adv
+        return attack.perturb(x, y, self.attack_loss(model, x, y))
 
     def loss(self, model, x, x_adv, y):
         """Returns `(per-example loss (batch,), logits whose accuracy is logged)`."""
@@ -189,11 +172,12 @@ class Modifier(keras.layers.Layer):
         """
         return {}
 
-    def before_gradient(self, adv_model, loss_fn):
-        """Runs before the loss is recorded; `loss_fn()` returns the scalar batch loss."""
-
-    def after_gradient(self, adv_model):
-        """Runs after the gradient is taken and before the optimizer applies it."""
+    def gradients(self, adv_model, loss_fn, take_gradients):
+        """The step's gradients: `take_gradients()` (returns `(grads, logs)`), run in
+        whatever state this modifier needs, e.g. AWP's perturbed weights, which it sets
+        and removes around the call. `loss_fn()` is the scalar batch loss at the
+        current weights. Default: `take_gradients()` unchanged."""
+        return take_gradients()
 
     def example_weights(self, adv_model, x, x_adv, y):
         """Per-example loss weights `(batch,)`, or None for no reweighting."""

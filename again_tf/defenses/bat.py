@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from again_tf.attacks import losses
-from again_tf.defenses.base import head_loss
+from again_tf.heads import head_loss
 from again_tf.defenses.pgd_at import PGDAT
 
 # Stands in for −∞ in masked log-sum-exps, so that no inf or NaN reaches a gradient.
@@ -225,7 +225,7 @@ class BAT(PGDAT):
             raise ValueError("Defense 'bat' needs each example's index into the memorization "
                              "scores: feed (x, y, index) batches, e.g. again_tf.data.load(..., "
                              "with_index=True). Received: index=None")
-        outputs = self.outputs(model, x_adv, y, training=True)
+        outputs = self.outputs(model, x_adv, y, training=True, partner=x)
         logits = outputs["logits"]
         index = tf.cast(tf.reshape(index, [-1]), tf.int32)
         mem = tf.gather(self.scores, index)

@@ -6,9 +6,10 @@ from keras import ops
 
 from again_tf import models
 from again_tf.attacks import losses
-from again_tf.attacks.pgd import PGD
-from again_tf.defenses.base import Objective, head_loss
-from again_tf.distribute import (mean_over_replicas, num_replicas, scale_for_replicas,
+from again_tf.attacks.policy_pgd import PolicyPGD, restart_pgd
+from again_tf.defenses.base import Objective
+from again_tf.heads import head_loss
+from again_tf.distribute import (mean_over_replicas, scale_for_replicas,
                                  sum_over_replicas)
 from again_tf.models.base import Classifier, forward
 
@@ -39,55 +40,6 @@ def smoothed_cross_entropy(factor):
         target = onehot * factor + (1.0 - onehot) * other
         return -tf.reduce_sum(target * tf.nn.log_softmax(logits, axis=-1), axis=-1)
     return loss
-
-
-class PolicyPGD(PGD):
-    """L∞ PGD with a per-example ε_i, step α_i and step count K_i (LAS-AT's attack).
-
-    The official `Attack_policy_batch`: δ starts uniform in [−ε, ε] (ε the threat model's,
-    8/255 in the paper) clipped to the [0, 1] box; then for t < max_i K_i, every example
-    takes δ ← clip(δ + [t < K_i]·α_i·sign(∇_δ L), −ε_i, ε_i), clipped to the box.
-    Without a policy (`perturb`), it is the plain `PGD`.
-
-    Example:
-        attack = PolicyPGD(model, eps=8/255)
-        x_adv = attack.perturb_policy(x, y, eps_i, alpha_i, steps_i)
-    """
-
-    _policy = None
-
-    def perturb_policy(self, x, y, eps, step_size, steps, loss_fn=None):
-        """Adversarial examples with per-example `eps`, `step_size` (pixel units), `steps`."""
-        self._policy = (eps, step_size, steps)
-        try:
-            return self.perturb(x, y, loss_fn)
-        finally:
-            self._policy = None
-
-    def _perturb(self, x, y, loss_fn):
-        if self._policy is None:
-            return super()._perturb(x, y, loss_fn)
-        eps, alpha, steps = self._policy
-        per_example = tf.concat([tf.shape(x)[:1], tf.ones([tf.rank(x) - 1], tf.int32)], 0)
-        eps = tf.reshape(tf.cast(eps, tf.float32), per_example)
-        alpha = tf.reshape(tf.cast(alpha, tf.float32), per_example)
-        steps = tf.cast(steps, tf.int32)
-        start = self.policy_start(x)
-
-        def body(t, x_adv):
-            grad, _ = self.input_gradient(x_adv, y, loss_fn)
-            active = tf.reshape(tf.cast(t < steps, tf.float32), per_example)
-            delta = tf.clip_by_value(x_adv - x + active * alpha * tf.sign(grad), -eps, eps)
-            return t + 1, tf.clip_by_value(x + delta, 0.0, 1.0)
-
-        _, x_adv = tf.while_loop(lambda t, _: t < tf.reduce_max(steps), body,
-                                 (tf.constant(0), start))
-        return x_adv
-
-    def policy_start(self, x):
-        """The policy attack's random start: uniform in the ε-ball (the model's ε)."""
-        noise = keras.random.uniform(tf.shape(x), -self.eps, self.eps, seed=self.seed_generator)
-        return tf.clip_by_value(x + noise, 0.0, 1.0)
 
 
 @keras.saving.register_keras_serializable(package="again_tf")
@@ -243,7 +195,9 @@ class LASAT(Objective):
         """Creates the strategy network for the target `model`."""
         mean, std = ((model.mean, model.std) if isinstance(model, Classifier)
                      else ((0.0,), (1.0,)))
-        backbone = models.build(self.strategy_name, 2, mean=mean, std=std)
+        # Its BatchNorm follows the classifier's (synchronized or not under a strategy).
+        backbone = models.build(self.strategy_name, 2, mean=mean, std=std,
+                                sync_batchnorm=getattr(model, "sync_batchnorm", False))
         sizes = [high - low + 1 for low, high in (self.eps_range, self.steps_range,
                                                   self.step_range)]
         self.strategy = StrategyNet(backbone, sizes, name="strategy")
@@ -280,7 +234,7 @@ class LASAT(Objective):
         return attack.perturb_policy(x, y, eps_i, alpha_i, steps_i, self.attack_loss(model, x, y))
 
     def loss(self, model, x, x_adv, y):
-        outputs = self.outputs(model, x_adv, y, training=True)
+        outputs = self.outputs(model, x_adv, y, training=True, partner=x)
         return head_loss(outputs, y, self.target_loss, self.aux_weight), outputs["logits"]
 
     # --- the strategy update (REINFORCE) ------------------------------------------------
@@ -357,44 +311,10 @@ class LASAT(Objective):
             return self.r1_weight * r1 + self.r2_weight * r2 + self.r3_weight * r3
 
     def reward_pgd(self, model, x, y, eps):
-        """The official `attack_pgd`: PGD on CE, model in training mode, ε/4 steps, restarts.
-
-        Only examples still classified correctly move; a restart ends once none is; the
-        restart with the larger final loss is kept per example.
-        """
-        labels = tf.cast(y, tf.int64)
-        per_example = tf.concat([tf.shape(x)[:1], tf.ones([tf.rank(x) - 1], tf.int32)], 0)
-        alpha = eps / 4.0
-        best_loss = tf.zeros(tf.shape(x)[:1])
-        best_delta = tf.zeros_like(x)
-        for _ in range(self.reward_restarts):
-            delta = self.reward_start(x, eps) - x
-
-            def body(i, delta, _):
-                with tf.GradientTape() as tape:
-                    tape.watch(delta)
-                    logits = forward(model, x + delta, training=True)["logits"]
-                    loss = tf.reduce_sum(losses.cross_entropy(logits, y))
-                grad = tape.gradient(loss, delta)
-                correct = tf.equal(tf.argmax(logits, -1), labels)
-                moved = tf.clip_by_value(delta + alpha * tf.sign(grad), -eps, eps)
-                moved = tf.clip_by_value(x + moved, 0.0, 1.0) - x
-                delta = tf.where(tf.reshape(correct, per_example), moved, delta)
-                return i + 1, delta, tf.reduce_any(correct)
-
-            if num_replicas() > 1:
-                # Unrolled: a synchronized BatchNorm's cross-replica sum cannot sit in a
-                # while loop. Same result: once no example is correct, none moves.
-                for i in range(self.reward_steps):
-                    _, delta, _ = body(i, delta, True)
-            else:
-                _, delta, _ = tf.while_loop(lambda i, _, go: (i < self.reward_steps) & go,
-                                            body, (tf.constant(0), delta, tf.constant(True)))
-            final = losses.cross_entropy(forward(model, x + delta, training=True)["logits"], y)
-            take = final >= best_loss
-            best_delta = tf.where(tf.reshape(take, per_example), delta, best_delta)
-            best_loss = tf.maximum(best_loss, final)
-        return x + best_delta
+        """The official `attack_pgd` (`attacks.policy_pgd.restart_pgd`): PGD on CE with the
+        model in training mode, ε/4 steps, `reward_restarts` restarts from `reward_start`."""
+        return restart_pgd(model, x, y, eps, self.reward_steps, self.reward_restarts,
+                           lambda z: self.reward_start(z, eps))
 
     def reward_start(self, x, eps):
         """A random start of the reward's PGD: uniform in the ε-ball, in [0, 1]."""

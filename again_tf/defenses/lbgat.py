@@ -5,7 +5,8 @@ import tensorflow as tf
 
 from again_tf import models
 from again_tf.attacks import losses
-from again_tf.defenses.trades import TRADES, kl_divergence, paired_head_loss
+from again_tf.defenses.trades import TRADES, kl_divergence
+from again_tf.heads import paired_head_loss
 from again_tf.models.base import Classifier, forward
 
 
@@ -93,8 +94,8 @@ class LBGAT(TRADES):
         if self.teacher is None:
             raise ValueError("LBGAT has no teacher yet: use it through an AdversarialModel, "
                              "which calls attach(model) to create the teacher")
-        adversarial = self.outputs(model, x_adv, y, training=True)
-        natural = self.outputs(model, x, y, training=True)
+        adversarial = self.outputs(model, x_adv, y, training=True, partner=x)
+        natural = self.outputs(model, x, y, training=True, partner=x_adv)
         teacher_logits = tf.cast(forward(self.teacher, x, training=True)["logits"], tf.float32)
 
         def student_terms(nat, adv, _):

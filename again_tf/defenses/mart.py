@@ -5,7 +5,7 @@ import tensorflow as tf
 
 from again_tf.attacks import losses
 from again_tf.defenses.base import Objective
-from again_tf.defenses.trades import paired_head_loss
+from again_tf.heads import paired_head_loss
 
 # The constants of the official `mart_loss`: log(1.0001 − max_{k≠y} p_k + 1e-12),
 # KL against log(p_adv + 1e-12), and the weight (1.0000001 − p_y(x)).
@@ -69,8 +69,8 @@ class MART(Objective):
         self.beta = float(beta)
 
     def loss(self, model, x, x_adv, y):
-        natural = self.outputs(model, x, y, training=True)
-        adversarial = self.outputs(model, x_adv, y, training=True)
+        natural = self.outputs(model, x, y, training=True, partner=x_adv)
+        adversarial = self.outputs(model, x_adv, y, training=True, partner=x)
         per_example = paired_head_loss(
             natural, adversarial, y, lambda n, a, labels: mart_pair_loss(n, a, labels, self.beta),
             self.aux_weight)

@@ -3,7 +3,8 @@
 import keras
 
 from again_tf.attacks import losses
-from again_tf.defenses.base import Objective, head_loss
+from again_tf.defenses.base import Objective
+from again_tf.heads import head_loss
 
 
 @keras.saving.register_keras_serializable(package="again_tf")
@@ -19,5 +20,5 @@ class PGDAT(Objective):
     name = "pgd_at"
 
     def loss(self, model, x, x_adv, y):
-        outputs = self.outputs(model, x_adv, y, training=True)
+        outputs = self.outputs(model, x_adv, y, training=True, partner=x)
         return head_loss(outputs, y, losses.cross_entropy, self.aux_weight), outputs["logits"]

@@ -119,7 +119,7 @@ register("again_mart", MART, [ASE])
 # its proxy an SGD at the model's lr 0.1.
 register("again_awp", PGDAT, [ASE, AWP], {"gamma": 0.005, "awp_warmup": 9, "proxy_lr": 0.1})
 # CAS (Bai et al., ICLR 2021): official TRADES-CAS --beta 4.0, MART-CAS β = 5; the aux
-# heads get the KL / MART terms too (`trades.paired_head_loss`).
+# heads get the KL / MART terms too (`heads.paired_head_loss`).
 register("cas", PGDAT, [CAS])
 register("cas_trades", TRADES, [CAS], {"beta": 4.0})
 register("cas_mart", MART, [CAS], {"beta": 5.0})

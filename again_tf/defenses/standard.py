@@ -3,7 +3,8 @@
 import keras
 
 from again_tf.attacks import losses
-from again_tf.defenses.base import Objective, head_loss
+from again_tf.defenses.base import Objective
+from again_tf.heads import head_loss
 
 
 @keras.saving.register_keras_serializable(package="again_tf")

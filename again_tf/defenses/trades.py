@@ -5,6 +5,7 @@ import tensorflow as tf
 
 from again_tf.attacks import losses
 from again_tf.defenses.base import Objective
+from again_tf.heads import paired_head_loss
 
 
 def kl_divergence(p_logits, q_logits):
@@ -16,20 +17,6 @@ def kl_divergence(p_logits, q_logits):
     log_p = tf.nn.log_softmax(tf.cast(p_logits, tf.float32), axis=-1)
     log_q = tf.nn.log_softmax(tf.cast(q_logits, tf.float32), axis=-1)
     return tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=-1)
-
-
-def paired_head_loss(first, second, labels, loss, aux_weight):
-    """`loss(first, second, y)` on the main heads plus `aux_weight` · its mean over aux heads.
-
-    `first` and `second` are `forward(...)` outputs of the same model on two inputs
-    (e.g. clean and adversarial); the h-th auxiliary head of one is paired with the h-th
-    of the other, as `head_loss` does for single-input losses. Per example, `(batch,)`.
-    """
-    total = loss(first["logits"], second["logits"], labels)
-    pairs = list(zip(first["aux_logits"], second["aux_logits"]))
-    if pairs:
-        total += aux_weight * tf.add_n([loss(a, b, labels) for a, b in pairs]) / len(pairs)
-    return total
 
 
 def fixed(outputs):
@@ -93,8 +80,8 @@ class TRADES(Objective):
                 + self.beta * kl_divergence(natural_logits, adversarial_logits))
 
     def loss(self, model, x, x_adv, y):
-        natural = self.outputs(model, x, y, training=True)
-        adversarial = self.outputs(model, x_adv, y, training=True)
+        natural = self.outputs(model, x, y, training=True, partner=x_adv)
+        adversarial = self.outputs(model, x_adv, y, training=True, partner=x)
         per_example = paired_head_loss(natural, adversarial, y, self.pair_loss, self.aux_weight)
         return per_example, adversarial["logits"]
 

@@ -97,13 +97,19 @@ class Classifier(keras.Model):
             auxiliary heads were trained with (`AdversarialModel` sets it from its
             objective), so that an evaluation attacks the loss the model was trained on.
             None: no heads, or unknown (evaluation then uses 2, the papers' β).
+        sync_batchnorm: synchronized BatchNorm (Keras' `BatchNormalization(
+            synchronized=True)`) in every BatchNorm layer of the model, inserted layers
+            included: under a distribution strategy the batch mean and variance are
+            all-reduced over the replicas (the global batch's statistics, as on one
+            device); without one it is plain BatchNorm. Default False: each replica
+            normalizes with its own slice's statistics. Saved in the config.
 
     Input shape: `(batch, height, width, channels)`, float32 in [0, 1].
     Output shape: `(batch, num_classes)` logits.
     """
 
     def __init__(self, num_classes, mean=(0.0,), std=(1.0,), inserts=None, aux_weight=None,
-                 **kwargs):
+                 sync_batchnorm=False, **kwargs):
         super().__init__(**kwargs)
         if int(num_classes) < 2:
             raise ValueError(f"Expected `num_classes` >= 2. Received: num_classes={num_classes}")
@@ -115,6 +121,7 @@ class Classifier(keras.Model):
             raise ValueError(f"Expected numbers (one per channel, or one for all) as `mean` "
                              f"and `std`. Received: mean={mean!r}, std={std!r}") from None
         self.aux_weight = None if aux_weight is None else float(aux_weight)
+        self.sync_batchnorm = bool(sync_batchnorm)
         if len(self.mean) != len(self.std) or min(self.std) <= 0:
             raise ValueError(
                 f"Expected `mean` and `std` of equal length with std > 0. "
@@ -194,6 +201,11 @@ class Classifier(keras.Model):
         except Exception:
             self.built = False
             raise
+        # Blocks make their BatchNorm layers when built, so they are all here now;
+        # Keras reads `synchronized` at each call.
+        for layer in self._flatten_layers(include_self=False):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.synchronized = self.sync_batchnorm
 
     def get_config(self):
         config = super().get_config()
@@ -203,5 +215,6 @@ class Classifier(keras.Model):
             std=self.std,
             inserts={p: keras.saving.serialize_keras_object(l) for p, l in self.inserts.items()},
             aux_weight=self.aux_weight,
+            sync_batchnorm=self.sync_batchnorm,
         )
         return config

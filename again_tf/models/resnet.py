@@ -34,25 +34,9 @@ def torch_padding(kernel_size, strides, name=None):
     return keras.layers.ZeroPadding2D(kernel_size // 2, name=name)
 
 
-_SYNC_BATCHNORM = [False]
-
-
-def set_sync_batchnorm(enabled):
-    """Makes the BatchNorm layers built from now on synchronized across replicas (or not).
-
-    With `True`, `batch_norm` creates `BatchNormalization(synchronized=True)`: under a
-    distribution strategy the batch mean and variance are all-reduced over the replicas
-    (the statistics of the global batch, as on one device); without a strategy it is the
-    same as plain BatchNorm. Affects layers created afterwards (blocks create theirs when
-    built). Default off: each replica normalizes with its own slice's statistics.
-    """
-    _SYNC_BATCHNORM[0] = bool(enabled)
-
-
 def batch_norm(name=None):
     """A `BatchNormalization` with PyTorch's defaults (momentum 0.9 in Keras terms, eps 1e-5)."""
-    return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                                           synchronized=_SYNC_BATCHNORM[0], name=name)
+    return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)
 
 
 def build_chain(layers, input_shape):
