@@ -16,6 +16,7 @@ from again_tf import models
 from again_tf.defenses import BAT, AdversarialModel, registry
 from again_tf.defenses.bat import benign_weights, discrimination_loss
 from again_tf.models.base import Classifier
+from helpers import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -232,10 +233,10 @@ def test_mirrored_strategy_normalizes_by_the_global_weight_sum():
 
 
 def train_py(*args):
-    cmd = [sys.executable, "train.py", "--epochs=1", "--train_size=512", "--val_size=128",
-           "--test_images=64", "--attack_steps=2", "--eval_steps=2", "--width=4",
-           "--verbose=0", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    """train.py's command line, run in this process (test_training runs the real one)."""
+    return run_main("train.py", "--epochs=1", "--train_size=512", "--val_size=128",
+                    "--test_images=64", "--attack_steps=2", "--eval_steps=2",
+                    "--model=small_cnn", "--width=4", "--verbose=0", *args)
 
 
 def test_train_py_runs_bat_with_memorization_scores(tmp_path):

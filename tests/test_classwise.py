@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from again_tf import models
 from again_tf.attacks import PGD
+from helpers import run_main
 from again_tf.defenses import AdversarialModel, ClasswiseWeights, registry
 from again_tf.defenses.classwise import (add_logit_offset, per_class_accuracy, search_offset,
                                          tune_logit_offset, weight_targets)
@@ -200,16 +201,16 @@ def test_offset_is_in_the_saved_and_exported_model(tmp_path):
 
 def test_train_py_runs_classwise_trades(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "train.py", "--defense=classwise_trades", "--epochs=1",
-           "--train_size=512", "--val_size=128", "--test_images=64", "--attack_steps=2",
-           "--eval_steps=2", "--width=4", f"--out_dir={out}", "--verbose=0"]
-    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    run = run_main("train.py", "--defense=classwise_trades", "--epochs=1", "--train_size=512",
+                   "--val_size=128", "--test_images=64", "--attack_steps=2", "--eval_steps=2",
+                   "--model=small_cnn", "--width=4", f"--out_dir={out}", "--verbose=0")
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
     assert result["defense"] == "classwise_trades" and len(result["logit_offset"]) == 10
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert 0.0 <= float(rows[-1]["val_worst_class_robust_accuracy"]) <= 1.0
-    run = subprocess.run(cmd[:-2] + [f"--out_dir={tmp_path / 'b'}", "--val_size=0"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
+    run = run_main("train.py", "--defense=classwise_trades", "--epochs=1", "--train_size=512",
+                   "--val_size=0", "--test_images=64", "--attack_steps=2", "--eval_steps=2",
+                   "--model=small_cnn", "--width=4", f"--out_dir={tmp_path / 'b'}", "--verbose=0")
     assert run.returncode != 0 and "--val_size" in run.stderr

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from again_tf import evaluation, models
 from again_tf.attacks import PGD, EarlyStoppedPGD, PolicyPGD
+from helpers import run_main
 from again_tf.defenses import (AWP, FAT, FATTRADES, LASAT, LBGAT, MART, TRADES,
                                AdversarialModel, Standard, registry)
 
@@ -518,10 +519,9 @@ def net_vars(adv):
 @pytest.mark.parametrize("name", ["fat_trades", "mart_awp"])
 def test_train_py_runs_the_defense(name, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "train.py", f"--defense={name}", "--epochs=1", "--train_size=512",
-           "--val_size=128", "--test_images=64", "--attack_steps=2", "--eval_steps=2",
-           "--width=4", f"--out_dir={out}", "--verbose=0"]
-    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    run = run_main("train.py", f"--defense={name}", "--epochs=1", "--train_size=512",
+                   "--val_size=128", "--test_images=64", "--attack_steps=2", "--eval_steps=2",
+                   "--model=small_cnn", "--width=4", f"--out_dir={out}", "--verbose=0")
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
     assert result["defense"] == name and 0.0 <= result["pgd20"] <= result["clean"] <= 1.0
@@ -567,11 +567,10 @@ def test_benchmark_script_keeps_the_table_when_a_defense_fails(tmp_path):
     assert trained.returncode == 0, trained.stderr[-2000:]
     for defense in ("none", "cas"):
         assert (runs / defense / "seed0" / "results.json").exists()
-    again = subprocess.run(script + ["--defenses=none"], cwd=ROOT, capture_output=True,
-                           text=True, timeout=600)
+    # The reruns in this process (the first run was the script's real command line).
+    again = run_main(*script[1:], "--defenses=none")
     assert again.returncode == 0 and "not retrained" in again.stdout, again.stderr[-2000:]
-    rebuilt = subprocess.run(script + ["--defenses=none,pgd_at,cas", "--from_runs"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=600)
+    rebuilt = run_main(*script[1:], "--defenses=none,pgd_at,cas", "--from_runs")
     assert rebuilt.returncode != 0
     assert "pgd_at failed" in rebuilt.stderr and "1 defense(s) failed" in rebuilt.stderr
     table = json.loads((tmp_path / "t.json").read_text())

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from helpers import ROOT
+from helpers import ROOT, run_main
 
 
 def test_generalization_script_logs_draws_and_resumes(tmp_path):
@@ -20,8 +20,7 @@ def test_generalization_script_logs_draws_and_resumes(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     # Three epochs: the runs resume after their first epoch (history kept), measure the
     # third (not the second: --eval_every=3), then redraw.
-    second = subprocess.run(args + ["--epochs=3"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=900)
+    second = run_main(*args[1:], "--epochs=3")  # in this process: one real one is enough
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Resuming" in second.stdout
     saved = json.loads((out / "generalization.json").read_text())
@@ -38,6 +37,5 @@ def test_generalization_script_logs_draws_and_resumes(tmp_path):
     assert (out / "generalization_standard.png").stat().st_size > 1000
     assert (out / "generalization_robust.png").stat().st_size > 1000
     assert "| pgd_at |" in second.stdout and "| again_pgd |" in second.stdout
-    bad = subprocess.run(args[:2] + ["--defenses=nope"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+    bad = run_main(args[1], "--defenses=nope")
     assert bad.returncode == 2 and "--defenses: unknown 'nope'" in bad.stderr

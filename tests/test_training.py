@@ -1,10 +1,10 @@
 """A run's life: CLI errors, out_dir protection, atomic checkpoints, resume, NaN, export."""
 
+import glob
 import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import keras
 import numpy as np
@@ -14,9 +14,12 @@ import tensorflow as tf
 from again_tf import checkpoint, training
 from again_tf.defenses import PGDAT, registry
 from again_tf.training import RunError, TrainConfig
+from helpers import load_script, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = dict(width=4, train_size=640, val_size=128, test_images=64, attack_steps=2, eval_steps=2,
+# The run's life does not depend on the network: the small CNN traces in seconds, where the
+# default PreAct ResNet-18 takes a minute (the main job itself runs in test_cli_trains_end_to_end).
+SMALL = dict(model="small_cnn", width=4, train_size=640, val_size=128, test_images=64, attack_steps=2, eval_steps=2,
              batch_size=64, verbose=0)
 
 
@@ -170,7 +173,7 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     (["--data_dir=/nonexistent", "--dataset=cifar10"], "cifar10"),
 ])
 def test_cli_bad_input_gives_one_clear_line(args, message, tmp_path):
-    out = run_cli(*args, f"--out_dir={tmp_path}/o", "--epochs=1")
+    out = run_main("train.py", *args, f"--out_dir={tmp_path}/o", "--epochs=1")
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("train.py: error:") and message in last, out.stderr[-2000:]
@@ -183,7 +186,7 @@ def test_cli_trains_end_to_end(tmp_path):
                   f"--out_dir={tmp_path}/cli")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "pgd20" in out.stdout and "again_pgd" in out.stdout  # the default defense
-    again = run_cli("--epochs=1", f"--out_dir={tmp_path}/cli")
+    again = run_main("train.py", "--epochs=1", f"--out_dir={tmp_path}/cli")
     assert again.returncode != 0 and "holds a run already" in again.stderr
 
 
@@ -195,7 +198,7 @@ def test_ctrl_c_saves_and_resume_finishes(tmp_path):
     out = tmp_path / "int"
     args = [sys.executable, "train.py", "--epochs=30", "--train_size=640", "--val_size=128",
             "--test_images=64", "--attack_steps=2", "--eval_steps=2", "--width=4",
-            "--verbose=0", f"--out_dir={out}"]
+            "--model=small_cnn", "--verbose=0", f"--out_dir={out}"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 300
@@ -207,39 +210,30 @@ def test_ctrl_c_saves_and_resume_finishes(tmp_path):
     assert proc.returncode == 130, err[-2000:]
     state = checkpoint.read_json(str(out / "checkpoint/state.json"))
     assert state["interrupted"] and 1 <= state["epoch"] < 30
-    done = run_cli(*(a for a in args[2:] if not a.startswith("--epochs")),
+    done = run_main("train.py", *(a for a in args[2:] if not a.startswith("--epochs")),
                    f"--epochs={state['epoch'] + 1}", "--resume")
     assert done.returncode == 0, done.stderr[-2000:]
     history = json.load(open(out / "metrics.json"))
     assert [h["epoch"] for h in history] == list(range(1, state["epoch"] + 2))
 
 
-def test_every_recipe_flagfile_parses_and_validates():
+def test_every_recipe_flagfile_parses_and_validates(monkeypatch):
     """flags/*.cfg: known flags, valid values and defense parameters (what train.py checks
     before it writes anything). BAT's recipes may only miss their scores file."""
-    code = textwrap.dedent("""
-        import glob, sys
-        import train
-        from absl import flags
-        from again_tf import training
-        checked = 0
-        for path in sorted(glob.glob("flags/*.cfg")):
-            flags.FLAGS.unparse_flags()
-            flags.FLAGS(["train.py", f"--flagfile={path}"])
-            cfg = train.config_from_flags()
-            try:
-                training.validate(cfg)
-            except ValueError as e:
-                if not ("memorization_scores=" in str(e) and "does not exist" in str(e)):
-                    sys.exit(f"{path}: {e}")
-            checked += 1
-        print("checked", checked)
-    """)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    count = len([n for n in os.listdir(os.path.join(ROOT, "flags")) if n.endswith(".cfg")])
-    assert proc.stdout.split()[-1] == str(count) and count >= 30
+    from absl import flags
+
+    monkeypatch.chdir(ROOT)  # the recipes name each other relative to the project
+    train = load_script("train.py")
+    paths = sorted(glob.glob("flags/*.cfg"))
+    for path in paths:
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["train.py", f"--flagfile={path}"])
+        cfg = train["config_from_flags"]()
+        try:
+            training.validate(cfg)
+        except ValueError as e:
+            assert "memorization_scores=" in str(e) and "does not exist" in str(e), (path, e)
+    assert len(paths) >= 30
 
 
 def test_each_epochs_validation_shows_a_progress_bar(capsys):
