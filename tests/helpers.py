@@ -46,7 +46,10 @@ def load_script(script):
         if not values.find_module_defining_flag(name, "absl").startswith("absl"):
             delattr(values, name)
     values.unparse_flags()
-    return runpy.run_path(os.path.join(ROOT, script), run_name="cli_case")
+    path = os.path.join(ROOT, script)
+    if os.path.dirname(path) not in sys.path:  # as `python <script>` has it: its own folder
+        sys.path.insert(0, os.path.dirname(path))
+    return runpy.run_path(path, run_name="cli_case")
 
 
 def run_main(script, *argv):

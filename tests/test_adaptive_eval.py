@@ -4,8 +4,6 @@ main, combined and aux objectives, in `evaluation.evaluate`, evaluate.py and
 
 import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -16,6 +14,7 @@ from again_tf import evaluation, models
 from again_tf.attacks import PGD, losses, objectives
 from again_tf.defenses import AdversarialModel
 from again_tf.models.base import forward
+from helpers import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPS = 0.1
@@ -183,11 +182,9 @@ def test_evaluate_py_prints_the_breakdown(aux_adv, tmp_path):
     path = tmp_path / "net.keras"
     aux_adv.model.save(path)
     report = tmp_path / "eval.json"
-    run = subprocess.run(
-        [sys.executable, "evaluate.py", f"--model_path={path}", "--dataset=fashion_mnist",
-         "--attacks=clean,pgd5", "--num_images=100", f"--eps={EPS}", "--classwise=false",
-         "--verbose=0", f"--report={report}", f"--loss={loss}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    run = run_main("evaluate.py", f"--model_path={path}", "--dataset=fashion_mnist",
+                   "--attacks=clean,pgd5", "--num_images=100", f"--eps={EPS}",
+                   "--classwise=false", "--verbose=0", f"--report={report}", f"--loss={loss}")
     assert run.returncode == 0, run.stderr[-3000:]
     rows = {line.strip().split("  ")[0]: line for line in run.stdout.splitlines()}
     saved = json.loads(report.read_text())

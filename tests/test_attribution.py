@@ -11,7 +11,7 @@ import pytest
 
 from again_tf import models
 from again_tf.analysis import attribution
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_main
 
 
 def _random_images(n, shape=(28, 28, 1), seed=0):
@@ -154,8 +154,6 @@ def test_script_runs_end_to_end(tmp_path):
     for r in rows:
         assert 0 < r["span50"] < r["span90"] <= 1
         assert f"{r['span90']:8.4f}" in proc.stdout
-    bad = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "attribution_span.py"),
-         f"--models={paths[0]}", "--method=lime", f"--out={out}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    bad = run_main(os.path.join("benchmarks", "attribution_span.py"), f"--models={paths[0]}",
+                   "--method=lime", f"--out={out}")
     assert bad.returncode == 2 and "--method=lime" in bad.stderr

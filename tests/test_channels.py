@@ -12,7 +12,7 @@ import pytest
 from again_tf import attacks, models
 from again_tf.analysis import channels
 from tests.conftest import fashion
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_main
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +183,7 @@ def test_script_end_to_end(tiny_model, tmp_path):
     np.testing.assert_allclose(np.sum(report["frequency_natural"], 1), 3.0)
     assert "channels holding 90% of the magnitude" in proc.stdout
 
-    bad = _run_script(f"--model_path={tmp_path / 'missing.keras'}")
+    bad = run_main(os.path.join("benchmarks", "channel_analysis.py"),
+                   f"--model_path={tmp_path / 'missing.keras'}")
     assert bad.returncode == 2
     assert "--model_path=" in bad.stderr.strip().splitlines()[-1]

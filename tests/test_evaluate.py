@@ -1,4 +1,5 @@
-"""End-to-end tests of evaluate.py (subprocesses) on tiny models saved by the tests."""
+"""End-to-end tests of evaluate.py on tiny models saved by the tests: one real subprocess
+(the command-line contract, a clean stderr), the other cases through its main() in-process."""
 
 import json
 import os
@@ -9,14 +10,19 @@ import keras
 import numpy as np
 import pytest
 
+from helpers import run_main
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # TensorFlow's own start-up lines on stderr (C++ logging, before absl is initialized).
 TF_NOISE = ("WARNING: All log messages", "I0000", "W0000", "E0000")
 
 
-def run(*args):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *args],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+def run(*args, real=False):
+    if real:
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *args],
+                              capture_output=True, text=True, cwd=ROOT, timeout=600)
+    else:
+        proc = run_main("evaluate.py", *args)
     errors = [line for line in proc.stderr.splitlines()
               if line.strip() and not line.startswith(TF_NOISE)]
     return proc, errors
@@ -50,7 +56,7 @@ def run_folder(tmp_path_factory, trained_cnn):
 def test_evaluates_any_keras_classifier(plain_model):
     proc, errors = run(f"--model_path={plain_model}", "--attacks=clean,pgd5,tpgd5,aa",
                        "--eps=8/255", "--num_images=40", "--n_iter=5", "--n_queries=20",
-                       "--n_target_classes=2", "--verbose=0")
+                       "--n_target_classes=2", "--verbose=0", real=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not errors, errors
     base = plain_model.parent / "eval_mlp"

@@ -3,8 +3,6 @@ checkpoints, loads published formats, and splits evaluations into typical and at
 
 import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -12,6 +10,7 @@ import pytest
 
 from again_tf import models
 from again_tf.analysis import memorization
+from helpers import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLANTED = [0, 1, 2]
@@ -154,11 +153,10 @@ def test_evaluate_py_splits_by_memorization(tmp_path, trained_cnn):
     np.save(tmp_path / "mem.npy", scores)
     for split in ("test", "train"):
         report = tmp_path / f"eval_{split}.json"
-        cmd = [sys.executable, "evaluate.py", f"--model_path={path}", "--attacks=clean,pgd5",
-               "--num_images=64", "--noclasswise", "--verbose=0", f"--report={report}",
-               f"--memorization_scores={tmp_path / 'mem.npy'}", "--split_by_memorization",
-               f"--memorization_split={split}"]
-        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        run = run_main("evaluate.py", f"--model_path={path}", "--attacks=clean,pgd5",
+                       "--num_images=64", "--noclasswise", "--verbose=0", f"--report={report}",
+                       f"--memorization_scores={tmp_path / 'mem.npy'}",
+                       "--split_by_memorization", f"--memorization_split={split}")
         assert run.returncode == 0, run.stderr[-3000:]
         rep = json.loads(report.read_text())["memorization"]
         assert rep["typical"]["count"] == 48 and rep["atypical"]["count"] == 16
@@ -168,7 +166,5 @@ def test_evaluate_py_splits_by_memorization(tmp_path, trained_cnn):
                        + 16 * rep["atypical"]["accuracy"]["clean"]) / 64
             assert overall == pytest.approx(main["clean"]["accuracy"])
         assert "By memorization" in run.stdout
-    run = subprocess.run([sys.executable, "evaluate.py", f"--model_path={path}",
-                          "--split_by_memorization"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
+    run = run_main("evaluate.py", f"--model_path={path}", "--split_by_memorization")
     assert run.returncode != 0 and "--memorization_scores" in run.stderr

@@ -10,8 +10,6 @@ train mode during the attack) and MART's WRN defaults.
 
 import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -25,6 +23,7 @@ from again_tf.attacks.cw import CWL2
 from again_tf.attacks.square import eta, fold
 from again_tf.defenses import AdversarialModel
 from again_tf.defenses.bat import discrimination_loss
+from helpers import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -179,12 +178,9 @@ def test_channel_analysis_script_offers_the_official_frequency(tmp_path):
     model(np.zeros((1, 28, 28, 1), np.float32))
     model.save(tmp_path / "m.keras")
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "channel_analysis.py"),
-         f"--model_path={tmp_path / 'm.keras'}", "--num_images=30", "--steps=1",
-         "--frequency=active", "--active_threshold=0.05", f"--out={out}"],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    proc = run_main(os.path.join("benchmarks", "channel_analysis.py"),
+                    f"--model_path={tmp_path / 'm.keras'}", "--num_images=30", "--steps=1",
+                    "--frequency=active", "--active_threshold=0.05", f"--out={out}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((out / "channels.json").read_text())
     assert report["frequency"] == "active" and report["active_threshold"] == 0.05

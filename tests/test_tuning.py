@@ -11,6 +11,7 @@ import keras_tuner
 import pytest
 
 from again_tf import models, tuning
+from helpers import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,8 +86,6 @@ def test_tune_py_two_trials_on_512_images(tmp_path):
 
 
 def test_tune_py_rejects_a_hyperparameter_the_defense_does_not_take(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "tune.py", "--defense=awp", "--search=beta",
-         f"--out_dir={tmp_path / 't'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = run_main("tune.py", "--defense=awp", "--search=beta", f"--out_dir={tmp_path / 't'}")
     assert proc.returncode != 0
     assert "defense 'awp' takes no beta" in proc.stderr

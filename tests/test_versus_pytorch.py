@@ -13,6 +13,8 @@ import keras
 import numpy as np
 import pytest
 
+from helpers import run_main
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_TORCH = "PyTorch is not installed: pip install -e '.[compare]' (CPU torch 2.13.0)"
 
@@ -133,11 +135,9 @@ def test_evaluate_prints_images_per_second(tmp_path):
                               keras.layers.Dense(10)])
     path = tmp_path / "m.keras"
     model.save(path)
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "evaluate.py"), f"--model_path={path}",
-         "--attacks=clean,aa", "--num_images=12", "--n_iter=2", "--n_queries=5",
-         "--n_target_classes=2", "--verbose=0", "--noclasswise"],
-        capture_output=True, text=True, cwd=ROOT, timeout=600)
+    proc = run_main("evaluate.py", f"--model_path={path}", "--attacks=clean,aa",
+                    "--num_images=12", "--n_iter=2", "--n_queries=5", "--n_target_classes=2",
+                    "--verbose=0", "--noclasswise")
     assert proc.returncode == 0, proc.stderr[-2000:]
     last = proc.stdout.strip().splitlines()[-1]
     match = re.fullmatch(r"Throughput: 12 images in ([\d.]+) s for the whole evaluation "
