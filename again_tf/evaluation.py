@@ -51,6 +51,7 @@ without auxiliary heads "adaptive" is "main", at no extra cost.
 import inspect
 import re
 import time
+import weakref
 
 import keras
 import numpy as np
@@ -122,6 +123,20 @@ def build_objective(name, model, loss, aux_weight=heads.DEFAULT_AUX_WEIGHT):
     except TypeError:  # a builder of the model alone
         return builder(model)
     return builder(model, loss=loss, aux_weight=aux_weight)
+
+
+# attack -> {(objective, β): loss_fn}. `Attack.compiled` keys its traces by the loss
+# function object, so an attack object passed to `evaluate` again reuses its traces.
+_OBJECTIVES_OF = weakref.WeakKeyDictionary()
+
+
+def objective_for(attack, name, model, aux_weight):
+    """`build_objective` for `attack`, made once per attack, objective and β."""
+    made = _OBJECTIVES_OF.setdefault(attack, {})
+    key = (name, float(aux_weight))
+    if key not in made:
+        made[key] = build_objective(name, model, attack.loss, aux_weight)
+    return made[key]
 
 
 def parse_attack(name, model, eps, step_size=None, norm="linf", seed=0, **options):
@@ -208,9 +223,7 @@ def _named_attack(item, model, eps, step_size, norm, seed, options):
     return repr(item), item
 
 
-def trained_aux_weight(model):
-    """β the model's auxiliary heads were trained with, else the papers' 2.0."""
-    return heads.trained_aux_weight(model)
+trained_aux_weight = heads.trained_aux_weight  # β the heads were trained with, else 2.0
 
 
 def evaluate(model, x, y, attacks=("clean", "pgd20"), eps=8 / 255, step_size=None,
@@ -289,8 +302,7 @@ def evaluate(model, x, y, attacks=("clean", "pgd20"), eps=8 / 255, step_size=Non
                     print(f"{name}: {atk!r}" + (f", {objective} loss" if len(names) > 1
                                                 or objective != "main" else ""))
                 adv = adversarial(atk, x, y, batch_size, progress=bar,
-                                  loss_fn=build_objective(objective, model, atk.loss,
-                                                          aux_weight))
+                                  loss_fn=objective_for(atk, objective, model, aux_weight))
                 by_pred[objective] = predictions(predict, adv, batch_size)
             inputs = None
         else:

@@ -115,6 +115,22 @@ def test_explicit_objectives_run_one_attack_each(aux_adv, test_set):
                                       adaptive["correct_by_loss"][objective])
 
 
+def test_an_attack_object_evaluated_again_reuses_its_traces(aux_adv, test_set):
+    """Each objective's compiled attack is kept by the attack: a second `evaluate` with the
+    same attack object traces nothing new and gives the same result."""
+    net = aux_adv.model
+    x, y = test_set[0][:40], test_set[1][:40]
+    attack = PGD(net, EPS, EPS / 4, 2, random_start="none")
+    first = evaluation.evaluate(net, x, y, [attack], eps=EPS)
+    compiled = dict(attack._compiled)
+    traces = {k: f.experimental_get_tracing_count() for k, f in compiled.items()}
+    second = evaluation.evaluate(net, x, y, [attack], eps=EPS)
+    assert len(compiled) == len(evaluation.ADAPTIVE) and attack._compiled == compiled
+    assert {k: f.experimental_get_tracing_count() for k, f in compiled.items()} == traces
+    np.testing.assert_array_equal(first[repr(attack)]["correct"],
+                                  second[repr(attack)]["correct"])
+
+
 def test_autoattack_adds_apgd_on_the_other_objectives(aux_adv, test_set):
     net = aux_adv.model
     x, y = test_set[0][:100], test_set[1][:100]
