@@ -1,5 +1,6 @@
 """What every attack shares: the model, the ε-ball, the [0, 1] box, BatchNorm mode, seeds."""
 
+import functools
 import warnings
 
 import keras
@@ -269,7 +270,10 @@ class Attack:
             if image_shape is not None:
                 signature = [tf.TensorSpec((None,) + tuple(image_shape), tf.float32),
                              tf.TensorSpec((None,), tf.int32)]
-            fn = tf.function(lambda a, b: self.perturb(a, b, loss_fn), input_signature=signature,
+            # A partial, not a lambda: TensorFlow's retracing warning keys on the code
+            # object, and would count each objective's own function as a retrace.
+            fn = tf.function(functools.partial(self.perturb, loss_fn=loss_fn),
+                             input_signature=signature,
                              jit_compile=self.jit_compile, autograph=self._autograph,
                              reduce_retracing=signature is None)
             self._compiled[key] = fn
