@@ -27,13 +27,6 @@ def served_in_fresh_process(model, x, tmp_path):
     return np.load(tmp_path / "y.npy")
 
 
-class Completed:
-    """What a script's run left: its exit code, standard output and standard error."""
-
-    def __init__(self, returncode, stdout, stderr):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
 def load_script(script):
     """The namespace of `script` (e.g. "train.py") loaded as a module, its flags defined
     afresh: the flags of a script loaded before are dropped first (absl's own stay)."""
@@ -60,6 +53,7 @@ def run_main(script, *argv):
     script's flags are defined afresh (a script defines them at import), parsed from `argv`
     as absl's `app.run` would, and `main` runs with the working directory at the project
     root. `SystemExit` gives the exit code; a message passed to `sys.exit` goes to stderr.
+    Returns a `subprocess.CompletedProcess`, as `subprocess.run(..., text=True)` would.
     """
     import contextlib
     import io
@@ -83,4 +77,4 @@ def run_main(script, *argv):
     finally:
         os.chdir(cwd)
         sys.argv = argv0
-    return Completed(code, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
