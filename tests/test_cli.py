@@ -60,6 +60,8 @@ def test_import_is_light_quiet_and_registers_the_keras_classes(tmp_path):
         net = models.build("preact_resnet18", 10, width=2)
         net.build((None, 8, 8, 1))
         net.save({str(tmp_path / "m.keras")!r})
+        import os
+        print(os.environ["TF_ENABLE_ONEDNN_OPTS"])
     """)
     saved = run(["-c", code])
     assert saved.returncode == 0, saved.stderr[-2000:]
@@ -77,8 +79,8 @@ def test_import_is_light_quiet_and_registers_the_keras_classes(tmp_path):
             assert noise not in proc.stderr, proc.stderr
     # TensorFlow's oneDNN kernels are on (about 2x faster convolutions on AMD CPUs) unless
     # the user says otherwise.
+    assert saved.stdout.split() == ["1"]
     probe = "import os, again_tf.models; print(os.environ['TF_ENABLE_ONEDNN_OPTS'])"
-    assert run(["-c", probe]).stdout.split() == ["1"]
     off = run(["-c", probe], env_update={"TF_ENABLE_ONEDNN_OPTS": "0"})
     assert off.stdout.split() == ["0"], off.stderr[-2000:]
 
