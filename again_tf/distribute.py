@@ -17,8 +17,9 @@ every replica applies the same perturbation.
 
 BatchNorm normalizes with the statistics of the replica's own slice unless the model
 is built with synchronized BatchNorm (`models.build(..., sync_batchnorm=True)`, a
-`Classifier` argument kept in its config; flag `--sync_batchnorm`), which all-reduces the batch statistics over the replicas: then the
-forward pass in training mode is the same as one device's on the global batch.
+`Classifier` argument kept in its config; flag `--sync_batchnorm`), which all-reduces the
+batch statistics over the replicas: then the forward pass in training mode is the same as
+one device's on the global batch.
 """
 
 import json

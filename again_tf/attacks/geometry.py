@@ -27,7 +27,7 @@ def batch_norm(t, norm):
 
 def l2_norm_keepdims(t):
     """Per-example L2 norm of `t`, shaped to broadcast against it: `(batch, 1, ..., 1)`."""
-    return tf.sqrt(tf.reduce_sum(tf.square(t), axis=tf.range(1, tf.rank(t)), keepdims=True))
+    return per_example(batch_norm(t, "l2"), t)
 
 
 def normalize(t, norm):

@@ -102,7 +102,8 @@ class AdversarialModel(keras.Model):
 
     def __init__(self, model, defense="pgd_at", eps=8 / 255, step_size=None, steps=10,
                  norm="linf", eval_steps=10, eval_step_size=None, attack_training=False,
-                 attack_updates_statistics=False, weight_decay=0.0, modifiers=(), seed=None, **hparams):
+                 attack_updates_statistics=False, weight_decay=0.0, modifiers=(), seed=None,
+                 **hparams):
         name = hparams.pop("name", None)
         super().__init__(name=name, **{k: hparams.pop(k) for k in ("dtype", "trainable")
                                        if k in hparams})
