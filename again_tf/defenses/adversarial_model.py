@@ -224,6 +224,7 @@ class AdversarialModel(keras.Model):
             # would only warn that it is ignored.
             kwargs.setdefault("shuffle", False)
         self._check_fit_inputs(x, y)
+        self._build_before_tracing(x)
         callbacks = list(callbacks or [])
         if not any(isinstance(c, EpochCallback) for c in callbacks):
             callbacks = self.callbacks(kwargs.get("validation_data")) + callbacks
@@ -281,6 +282,36 @@ class AdversarialModel(keras.Model):
             except (AttributeError, ValueError, TypeError, IndexError):
                 return None
         return int(n) if n else None
+
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        """`keras.Model.evaluate`, with the model built first (see `fit`)."""
+        self._build_before_tracing(x)
+        return super().evaluate(x, y, *args, **kwargs)
+
+    def _build_before_tracing(self, x):
+        """Builds the network, the pieces' variables and the optimizer's slots eagerly
+        when the input shape is known (NumPy arrays or a `tf.data.Dataset`).
+
+        Without a distribution strategy Keras defers building to the first trace of the
+        step; a `tf.function` whose first trace creates variables is traced a second time,
+        which doubled the time before the first step (11 s → 6 s for `again_pgd` on the
+        small CNN in a probe). Other inputs (generators, `PyDataset`) keep Keras' way.
+        """
+        if self.built and (self.optimizer is None or self.optimizer.built):
+            return
+        if isinstance(x, tf.data.Dataset):
+            spec = x.element_spec
+            spec = spec[0] if isinstance(spec, (tuple, list)) else spec
+            shape = spec.shape if isinstance(spec, tf.TensorSpec) else None
+        else:
+            shape = getattr(x, "shape", None)
+        if shape is None or len(shape) < 2 or any(d is None for d in tuple(shape)[1:]):
+            return
+        with self.distribute_strategy.scope():
+            if not self.built:
+                self.build((None,) + tuple(shape)[1:])
+            if self.optimizer is not None and not self.optimizer.built:
+                self.optimizer.build(self.trainable_variables)
 
     def _check_fit_inputs(self, x, y):
         """Before training, on the host: NumPy images and labels are checked whole (a
