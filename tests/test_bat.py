@@ -1,11 +1,9 @@
 """BAT: weights, normalization and discrimination loss against NumPy; the index plumbing
-through train_step, fit and train.py; the global weight sum under MirroredStrategy."""
+through train_step, fit and train.py (the global weight sum under MirroredStrategy:
+tests/test_distribution.py)."""
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import keras
 import numpy as np
@@ -187,49 +185,6 @@ def test_fit_trains_with_indexed_data_and_plain_arrays():
     # Plain arrays: the index goes where Keras takes sample weights.
     history = adv.fit(x, y, sample_weight=np.arange(32), batch_size=8, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
-
-
-MIRRORED = textwrap.dedent("""
-    import os, sys
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    import numpy as np
-    import tensorflow as tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    import keras
-    from again_tf.defenses import AdversarialModel
-
-    rng = np.random.default_rng(0)
-    x = rng.uniform(size=(16, 6, 6, 1)).astype(np.float32); y = rng.integers(0, 3, 16)
-    # Atypical examples all in the first replica's half: local sums of w would differ.
-    scores = np.where(np.arange(16) < 8, 0.9, 0.0).astype(np.float32)
-
-    def run(strategy):
-        with strategy.scope():
-            keras.utils.set_random_seed(0)
-            net = keras.Sequential([keras.Input((6, 6, 1)),
-                                    keras.layers.Conv2D(4, 3, activation="relu"),
-                                    keras.layers.Flatten(), keras.layers.Dense(3)])
-            adv = AdversarialModel(net, defense="bat", memorization_scores=scores, beta=0.0,
-                                   alpha=2.0, eps=0.3, step_size=0.1, steps=3)
-            adv.attack.random_start = "none"
-            adv.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9))
-        ds = tf.data.Dataset.from_tensor_slices((x, y, np.arange(16))).batch(16)
-        adv.fit(ds, epochs=3, verbose=0)
-        return [v.numpy() for v in net.trainable_variables]
-
-    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
-    one = run(tf.distribute.OneDeviceStrategy(devices[0]))
-    two = run(tf.distribute.MirroredStrategy(devices))
-    print(max(float(np.abs(a - b).max()) for a, b in zip(one, two)))
-""")
-
-
-def test_mirrored_strategy_normalizes_by_the_global_weight_sum():
-    out = subprocess.run([sys.executable, "-c", MIRRORED], capture_output=True, text=True,
-                         cwd=ROOT, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert float(out.stdout.strip().splitlines()[-1]) < 1e-5
 
 
 def train_py(*args):

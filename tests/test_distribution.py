@@ -16,24 +16,20 @@ from again_tf import distribute
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Trains one tiny model per defense for 2 epochs of one global batch of 16, on the strategy
-# named by argv[1], and saves {defense: [weights...]} to argv[3]. The attack's start is a
-# fixed function of x (random starts are drawn per replica, so they cannot match one
-# device's): x + 0.02·cos(50x), inside the ε = 0.1 ball.
+# Runs jobs [kind, [defense, ...], out] given as JSON in argv[1], in one process: per job,
+# trains one tiny model per defense for 2 epochs of one global batch of 16 on the strategy
+# named by `kind`, and saves {defense: [weights...]} to `out`. The CPU is split into two
+# logical devices once, so one-device and mirrored jobs share a process (one TensorFlow
+# start-up for all). The attack's start is a fixed function of x (random starts are drawn
+# per replica, so they cannot match one device's): x + 0.02·cos(50x), inside the ε = 0.1 ball.
 SCRIPT = textwrap.dedent("""
-    import os, sys
+    import json, os, sys
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
     import numpy as np, tensorflow as tf
     from again_tf import distribute, models
-    kind, defenses, out = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
-    sync = "sync" in kind
-    if kind.startswith("mirrored"):
-        strategy = distribute.make_strategy("mirrored", cpu_replicas=2)
-    elif kind == "multi_worker":
-        strategy = distribute.make_strategy("multi_worker")
-    else:
+    jobs = json.loads(sys.argv[1])
+    if jobs[0][0] != "multi_worker":
         distribute.configure_cpu_replicas(2)
-        strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     import keras
     from again_tf.defenses import AdversarialModel
 
@@ -41,113 +37,156 @@ SCRIPT = textwrap.dedent("""
     x = rng.uniform(size=(16, 8, 8, 1)).astype(np.float32)
     y = rng.integers(0, 3, 16)
 
-    def net(bn):
-        if bn:  # a Classifier with BatchNorm (small_cnn's blocks)
-            return models.SmallCNN(3, width=2, hidden=8, sync_batchnorm=sync)
+    def value(v):
+        for kind_of in (int, float):
+            try:
+                return kind_of(v)
+            except ValueError:
+                pass
+        return v
+
+    strategies = {}
+
+    def strategy_for(kind):
+        # One strategy of each type per process: two MirroredStrategy objects over the same
+        # devices number their collective instances alike, so the second one's all-reduces
+        # meet the first one's (TensorFlow fails with a shape mismatch between replicas).
+        kind = kind.split("_")[0]
+        if kind not in strategies:
+            strategies[kind] = (distribute.make_strategy(kind, cpu_replicas=2)
+                                if kind == "mirrored" else
+                                distribute.make_strategy("multi_worker") if kind == "multi"
+                                else tf.distribute.OneDeviceStrategy("/cpu:0"))
+        return strategies[kind]
+
+    def net(kind):
+        if "bn" in kind:  # a Classifier with BatchNorm (small_cnn's blocks)
+            return models.SmallCNN(3, width=2, hidden=8, sync_batchnorm="sync" in kind)
         return keras.Sequential([keras.Input((8, 8, 1)),
                                  keras.layers.Conv2D(4, 3, activation="relu"),
                                  keras.layers.Flatten(), keras.layers.Dense(3)])
 
-    results = {}
-    for name in defenses:
-        defense, _, params = name.partition(":")
-        hparams = dict(p.split("=") for p in params.split(";") if p)
-        def value(v):
-            for kind_of in (int, float):
-                try:
-                    return kind_of(v)
-                except ValueError:
-                    pass
-            return v
-        hparams = {k: value(v) for k, v in hparams.items()}
-        with strategy.scope():
-            keras.utils.set_random_seed(0)
-            classifier = net(bn="bn" in kind)
-            adv = AdversarialModel(classifier, defense=defense, eps=0.1, step_size=0.03,
-                                   steps=3, weight_decay=0.01, eval_steps=0, **hparams)
-            adv.build((None, 8, 8, 1))
-            adv.attack.start = lambda z: tf.clip_by_value(z + 0.02 * tf.cos(50.0 * z), 0, 1)
-            if defense == "las_at":  # its random draws, as fixed functions of the inputs
-                adv.attack.policy_start = adv.attack.start
-                adv.objective.sample = lambda heads: [
-                    tf.argmax(h, -1, output_type=tf.int32) for h in heads]
-                adv.objective.reward_start = lambda z, eps: tf.clip_by_value(
-                    z + 0.5 * eps * tf.cos(30.0 * z), 0, 1)
-            adv.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9))
-        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
-        if kind == "multi_worker":
-            data = distribute.shard_by_data(data)
-        adv.fit(data, epochs=2, verbose=0)
-        strategy_net = getattr(adv.objective, "strategy", None)  # LAS-AT's policy network
-        extra = strategy_net.weights if isinstance(strategy_net, keras.layers.Layer) else []
-        results[name] = [v.numpy() for v in classifier.weights + extra]
-    np.savez(out, **{f"{k}|{i}": w for k, ws in results.items() for i, w in enumerate(ws)})
-    print("ok", strategy.num_replicas_in_sync)
+    for kind, defenses, out in jobs:
+        strategy = strategy_for(kind)
+        results = {}
+        for name in defenses:
+            defense, _, params = name.partition(":")
+            hparams = {k: value(v) for k, v in (p.split("=") for p in params.split(";") if p)}
+            arrays = (x, y)
+            if defense == "bat":  # atypical examples all in the first replica's half:
+                # replicas' local sums of the weights would differ from the global one
+                hparams["memorization_scores"] = np.where(np.arange(16) < 8, 0.9, 0.0)
+                arrays = (x, y, np.arange(16))
+            with strategy.scope():
+                keras.utils.set_random_seed(0)
+                classifier = net(kind)
+                adv = AdversarialModel(classifier, defense=defense, eps=0.1, step_size=0.03,
+                                       steps=3, weight_decay=0.01, eval_steps=0, **hparams)
+                adv.build((None, 8, 8, 1))
+                adv.attack.start = lambda z: tf.clip_by_value(z + 0.02 * tf.cos(50.0 * z), 0, 1)
+                if defense == "las_at":  # its random draws, as fixed functions of the inputs
+                    adv.attack.policy_start = adv.attack.start
+                    adv.objective.sample = lambda heads: [
+                        tf.argmax(h, -1, output_type=tf.int32) for h in heads]
+                    adv.objective.reward_start = lambda z, eps: tf.clip_by_value(
+                        z + 0.5 * eps * tf.cos(30.0 * z), 0, 1)
+                adv.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9))
+            data = tf.data.Dataset.from_tensor_slices(arrays).batch(16)
+            if kind == "multi_worker":
+                data = distribute.shard_by_data(data)
+            adv.fit(data, epochs=2, verbose=0)
+            strategy_net = getattr(adv.objective, "strategy", None)  # LAS-AT's policy network
+            extra = strategy_net.weights if isinstance(strategy_net, keras.layers.Layer) else []
+            results[name] = [v.numpy() for v in classifier.weights + extra]
+        np.savez(out, **{f"{k}|{i}": w for k, ws in results.items() for i, w in enumerate(ws)})
+        print(kind, "replicas", strategy.num_replicas_in_sync)
 """)
 
 
-def run_script(kind, defenses, out, env=None, timeout=300):
-    return subprocess.Popen([sys.executable, "-c", SCRIPT, kind, ",".join(defenses), out],
+def run_script(jobs, env=None):
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(jobs)],
                             cwd=ROOT, env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finish(proc, timeout=300):
+def finish(proc, timeout=600):
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err[-3000:]
     return out
 
 
-def differences(a, b):
-    """{defense: max |weight difference|} between two saved runs."""
+def differences(a, b, names=None):
+    """{defense: max |weight difference|} between two saved runs (all their defenses, or
+    `names`)."""
     a, b = np.load(a), np.load(b)
-    assert sorted(a.files) == sorted(b.files)
+
+    def keys(saved):
+        return sorted(k for k in saved.files if names is None or k.split("|")[0] in names)
+
+    assert keys(a) == keys(b)
     out = {}
-    for key in a.files:
+    for key in keys(a):
         name = key.split("|")[0]
         out[name] = max(out.get(name, 0.0), float(np.abs(a[key] - b[key]).max()))
     return out
 
 
-# TRADES, MART and AWP at least; AWP's warm-up switch (trades_awp with awp_warmup=1: no
-# perturbation in epoch 0, a perturbation in epoch 1); FAT's early stop (without its
-# per-step noise ω, random); LBGAT's jointly trained teacher. (pgd_at: test_adversarial_model.)
-DEFENSES = ["trades", "mart", "awp", "trades_awp:awp_warmup=1", "fat:omega=0", "lbgat"]
+# PGD-AT, TRADES, MART and AWP at least; AWP's warm-up switch (trades_awp with awp_warmup=1:
+# no perturbation in epoch 0, a perturbation in epoch 1); FAT's early stop (without its
+# per-step noise ω, random); LBGAT's jointly trained teacher.
+DEFENSES = ["pgd_at", "trades", "mart", "awp", "trades_awp:awp_warmup=1", "fat:omega=0",
+            "lbgat"]
+# BAT's reweighting, normalized by the global sum of the weights.
+BAT = "bat:beta=0.0;alpha=2.0"
+# LAS-AT's REINFORCE step, its strategy network updated every step.
+LAS = ("las_at:interval=1;strategy=small_cnn;policy_lr=1.0;reward_steps=2;"
+       "reward_restarts=1;steps_range=1:3")
 
 
-def test_mirrored_defenses_match_one_device(tmp_path):
+@pytest.fixture(scope="module")
+def local_runs(tmp_path_factory):
+    """The one-device and two-replica runs of this file's tests, made in one process:
+    {kind: saved weights}."""
+    folder = tmp_path_factory.mktemp("distribution")
+    jobs = [("one_device", DEFENSES + [BAT], "one.npz"),
+            ("mirrored", DEFENSES + [BAT], "two.npz"),
+            ("one_device_bn", ["pgd_at", LAS], "one_bn.npz"),
+            ("mirrored_bn_sync", ["pgd_at", LAS], "two_bn_sync.npz"),
+            ("mirrored_bn", ["pgd_at"], "two_bn.npz")]
+    jobs = [(kind, names, str(folder / out)) for kind, names, out in jobs]
+    printed = finish(run_script(jobs)).splitlines()
+    assert printed == [f"{kind} replicas {1 if kind.startswith('one') else 2}"
+                       for kind, _, _ in jobs]
+    return {kind: out for kind, _, out in jobs}
+
+
+def test_mirrored_defenses_match_one_device(local_runs):
     """Two replicas of 8 examples take the same 2 steps as one device with 16 (all defenses)."""
-    one = run_script("one_device", DEFENSES, str(tmp_path / "one.npz"))
-    two = run_script("mirrored", DEFENSES, str(tmp_path / "two.npz"))
-    assert finish(one).split()[-1] == "1"  # replicas
-    assert finish(two).split()[-1] == "2"
-    diff = differences(tmp_path / "one.npz", tmp_path / "two.npz")
+    diff = differences(local_runs["one_device"], local_runs["mirrored"], DEFENSES)
     assert set(diff) == set(DEFENSES)
     assert all(d < 2e-5 for d in diff.values()), diff
+    assert diff["pgd_at"] < 1e-5, diff
 
 
-def test_sync_batchnorm_matches_one_device_and_plain_batchnorm_does_not(tmp_path):
+def test_bat_on_mirrored_replicas_normalizes_by_the_global_weight_sum(local_runs):
+    diff = differences(local_runs["one_device"], local_runs["mirrored"], [BAT])
+    assert set(diff) == {BAT} and diff[BAT] < 1e-5, diff
+
+
+def test_sync_batchnorm_matches_one_device_and_plain_batchnorm_does_not(local_runs):
     """With BatchNorm, replicas match one device only when the statistics are synchronized."""
-    runs = {kind: str(tmp_path / f"{kind}.npz")
-            for kind in ("one_device_bn", "mirrored_bn_sync", "mirrored_bn")}
-    for proc in [run_script(kind, ["pgd_at"], out) for kind, out in runs.items()]:
-        finish(proc)
-    synced = differences(runs["one_device_bn"], runs["mirrored_bn_sync"])["pgd_at"]
-    per_replica = differences(runs["one_device_bn"], runs["mirrored_bn"])["pgd_at"]
+    one = local_runs["one_device_bn"]
+    synced = differences(one, local_runs["mirrored_bn_sync"], ["pgd_at"])["pgd_at"]
+    per_replica = differences(one, local_runs["mirrored_bn"], ["pgd_at"])["pgd_at"]
     assert synced < 2e-5, synced
     assert per_replica > 1e-3, per_replica  # per-replica statistics really differ
 
 
-def test_las_at_on_mirrored_replicas_matches_one_device(tmp_path):
+def test_las_at_on_mirrored_replicas_matches_one_device(local_runs):
     """LAS-AT's REINFORCE step uses the global batch's reward and gradient on every replica:
     target and strategy networks match one device (synchronized BatchNorm in both)."""
-    las = ["las_at:interval=1;strategy=small_cnn;policy_lr=1.0;reward_steps=2;"
-           "reward_restarts=1;steps_range=1:3"]
-    runs = {kind: str(tmp_path / f"{kind}.npz") for kind in ("one_device_bn", "mirrored_bn_sync")}
-    for proc in [run_script(kind, las, out) for kind, out in runs.items()]:
-        finish(proc)
-    diff = differences(runs["one_device_bn"], runs["mirrored_bn_sync"])
-    assert diff[las[0]] < 2e-5, diff
+    diff = differences(local_runs["one_device_bn"], local_runs["mirrored_bn_sync"], [LAS])
+    assert diff[LAS] < 2e-5, diff
 
 
 def free_ports(count):
@@ -160,25 +199,25 @@ def free_ports(count):
     return ports
 
 
-def test_two_workers_match_one_device(tmp_path):
+def test_two_workers_match_one_device(local_runs, tmp_path):
     """MultiWorkerMirroredStrategy over two processes on 127.0.0.1 == one device."""
     defenses = ["pgd_at", "awp"]
     workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
     procs = []
     for index in range(2):
         config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
-        procs.append(run_script("multi_worker", defenses, str(tmp_path / f"worker{index}.npz"),
-                                env={"TF_CONFIG": json.dumps(config)}))
+        job = ("multi_worker", defenses, str(tmp_path / f"worker{index}.npz"))
+        procs.append(run_script([job], env={"TF_CONFIG": json.dumps(config)}))
     try:
         outs = [finish(p, timeout=240) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    assert [o.split()[-1] for o in outs] == ["2", "2"]
-    finish(run_script("one_device", defenses, str(tmp_path / "one.npz")))
-    for index in range(2):
-        diff = differences(tmp_path / "one.npz", tmp_path / f"worker{index}.npz")
+    assert [o.split() for o in outs] == [["multi_worker", "replicas", "2"]] * 2
+    for index in range(2):  # one device: the same run of the mirrored test
+        diff = differences(local_runs["one_device"], tmp_path / f"worker{index}.npz", defenses)
+        assert set(diff) == set(defenses)
         assert all(d < 2e-5 for d in diff.values()), (index, diff)
 
 
