@@ -74,9 +74,11 @@ def interrupts_deferred():
 
     A KeyboardInterrupt raised inside h5py leaves the half-written file open, and the
     save on interrupt that follows could not write it again. Outside the main thread
-    signals cannot be handled, so the block runs unprotected there.
+    signals cannot be handled, so the block runs unprotected there. A process that
+    ignores SIGINT (started with `nohup ... &`) keeps ignoring it.
     """
-    if threading.current_thread() is not threading.main_thread():
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
         yield
         return
     received = []

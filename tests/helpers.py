@@ -1,6 +1,7 @@
 """Helpers shared by several test files."""
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -9,6 +10,13 @@ import numpy as np
 import tensorflow as tf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sigint_as_a_terminal_sends_it():
+    """`preexec_fn` of a child process that is sent SIGINT: the default disposition, so
+    Python installs its KeyboardInterrupt handler even when the tests run in a process
+    that ignores SIGINT (started with `nohup ... &`; children inherit the ignoring)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def served_in_fresh_process(model, x, tmp_path):

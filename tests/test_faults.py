@@ -28,6 +28,7 @@ from again_tf import checkpoint, data, models, training
 from again_tf.attacks import APGD, PGD
 from again_tf.defenses import AdversarialModel
 from again_tf.training import RunError, TrainConfig
+from helpers import sigint_as_a_terminal_sends_it
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A fast deterministic run: 3 epochs of PGD-AT on 300 images (5 steps each).
@@ -106,7 +107,8 @@ LAUNCHER = textwrap.dedent("""
 def killed_run(out, fault):
     env = {**os.environ, "FAULT": fault, "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.run([sys.executable, "-c", LAUNCHER, *cli_args(TINY, out)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=600,
+                          preexec_fn=sigint_as_a_terminal_sends_it)
     return proc
 
 

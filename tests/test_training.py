@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import tensorflow as tf
 from again_tf import checkpoint, training
 from again_tf.defenses import PGDAT, registry
 from again_tf.training import RunError, TrainConfig
-from helpers import load_script, run_main
+from helpers import load_script, run_main, sigint_as_a_terminal_sends_it
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The run's life does not depend on the network: the small CNN traces in seconds, where the
@@ -105,10 +106,17 @@ def test_resume_continues_from_the_last_epoch(tmp_path):
     assert int(adv.optimizer.iterations.numpy()) == 2 * (512 // 64)  # optimizer state resumed
 
 
-def test_ctrl_c_during_the_epoch_save_waits_for_the_files(tmp_path):
-    """SIGINT arriving mid-write: the epoch's files complete, then KeyboardInterrupt."""
-    import signal
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own SIGINT handler during the test, however this process was started
+    (`nohup ... &` starts it ignoring SIGINT)."""
+    started_with = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, started_with)
 
+
+def test_ctrl_c_during_the_epoch_save_waits_for_the_files(tmp_path, python_sigint_handler):
+    """SIGINT arriving mid-write: the epoch's files complete, then KeyboardInterrupt."""
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     saver = checkpoint.Checkpointer(str(tmp_path))
     saver.set_model(model)
@@ -130,6 +138,11 @@ def test_ctrl_c_during_the_epoch_save_waits_for_the_files(tmp_path):
     np.testing.assert_array_equal(fresh.get_weights()[0], model.get_weights()[0])
     assert checkpoint.read_json(saver.path("state.json"))["interrupted"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # A process that ignores SIGINT keeps ignoring it through a save.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with checkpoint.interrupts_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 class NanAfter(PGDAT):
@@ -192,7 +205,6 @@ def test_cli_trains_end_to_end(tmp_path):
 
 def test_ctrl_c_saves_and_resume_finishes(tmp_path):
     """SIGINT mid-run: state saved, exit 130; --resume then completes the run."""
-    import signal
     import time
 
     out = tmp_path / "int"
@@ -200,7 +212,7 @@ def test_ctrl_c_saves_and_resume_finishes(tmp_path):
             "--test_images=64", "--attack_steps=2", "--eval_steps=2", "--width=4",
             "--model=small_cnn", "--verbose=0", f"--out_dir={out}"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=sigint_as_a_terminal_sends_it)
     deadline = time.time() + 300
     while not (out / "metrics.json").exists() and time.time() < deadline:
         time.sleep(0.5)
