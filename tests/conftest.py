@@ -36,3 +36,17 @@ def trained_cnn(fashion_train):
     x, y = fashion_train
     model.fit(x, y, batch_size=64, epochs=3, verbose=0)
     return model
+
+
+# The longest files first (by their idle durations), so that pytest-xdist's per-file
+# scheduling (`--dist loadfile`) does not end with one worker on a long file while the
+# other waits.
+LONGEST_FIRST = ["test_adversarial_model.py", "test_faults.py", "test_defenses.py",
+                 "test_training.py", "test_adaptive_eval.py", "test_distribution.py",
+                 "test_models.py", "test_readme.py", "test_mixed_precision.py",
+                 "test_autoattack.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: within a file
