@@ -30,6 +30,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 
 import keras
 import numpy as np
@@ -325,6 +326,9 @@ class Checkpointer(keras.callbacks.Callback):
             the last epoch is the best.
         settings: what the optimizer state depends on (optimizer, learning-rate
             schedule...), recorded in each unit so a resume can tell what changed.
+
+    Each unit also records `train_seconds`, the wall time of the committed epochs summed
+    over every process that trained them (an interrupted epoch's time is not counted).
     """
 
     def __init__(self, directory, monitor="val_robust_accuracy", settings=None):
@@ -401,7 +405,11 @@ class Checkpointer(keras.callbacks.Callback):
             self.nan_epoch = self.state["epoch"] + 1
             self.model.stop_training = True
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_started = time.monotonic()
+
     def on_epoch_end(self, epoch, logs=None):
+        seconds = time.monotonic() - getattr(self, "_epoch_started", time.monotonic())
         logs = {k: float(v) for k, v in (logs or {}).items()}
         if self.nan_epoch is not None or not finite(logs):
             self.nan_epoch = epoch + 1
@@ -413,6 +421,7 @@ class Checkpointer(keras.callbacks.Callback):
                         or value > self.state["best"])
             optimizer = getattr(self.model, "optimizer", None)
             state = dict(self.state, epoch=epoch + 1, interrupted=False,
+                         train_seconds=self.state.get("train_seconds", 0.0) + seconds,
                          optimizer=self.settings, seeds=seed_states(self.model),
                          iterations=None if optimizer is None
                          else int(np.asarray(optimizer.iterations)),

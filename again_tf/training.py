@@ -518,7 +518,8 @@ def finish(cfg, info, adv, saver, seconds, trained_images=0, started=None):
     """Exports the models and evaluates the final one on held-out test images.
 
     `seconds` is the training time of this invocation (over `trained_images` images),
-    `started` the `time.time()` at which the run started (for the elapsed time).
+    `started` the `time.time()` at which the run started (for the elapsed time). The
+    result's `train_seconds` is the run's, summed over resumes (the checkpoint's).
     """
     net = adv.model
     if cfg.verbose:
@@ -542,7 +543,8 @@ def finish(cfg, info, adv, saver, seconds, trained_images=0, started=None):
     eval_seconds = time.time() - eval_start
     result = {"defense": cfg.defense, "dataset": cfg.dataset, "model": cfg.model,
               "width": cfg.width, "eps": cfg.eps, "test_images": len(y),
-              "epochs": saver.state["epoch"], "train_seconds": round(seconds, 1),
+              "epochs": saver.state["epoch"],
+              "train_seconds": round(saver.state.get("train_seconds", seconds), 1),
               "eval_seconds": round(eval_seconds, 1),
               **{name: s["accuracy"] for name, s in scores.items()}}
     by_loss = {name: s["by_loss"] for name, s in scores.items() if "by_loss" in s}

@@ -137,6 +137,7 @@ def attack_random_states(adv):
 
 
 @pytest.mark.parametrize("name", sorted(SAVED))
+@pytest.mark.filterwarnings("ignore:Even though the `tf.config.experimental_run_functions_eagerly")
 def test_a_saved_adversarial_model_loads_back_the_same(name, tmp_path):
     """Every defense, and compositions of objects, come back from a .keras file as they
     were saved: pieces and their hyper-parameters, inserted layers, β of the heads, the

@@ -93,9 +93,13 @@ def test_resume_continues_from_the_last_epoch(tmp_path):
     out = str(tmp_path / "r")
     training.train(TrainConfig(epochs=1, out_dir=out, **SMALL))
     first = checkpoint.read_json(os.path.join(out, "checkpoint/state.json"))
-    training.train(TrainConfig(epochs=2, out_dir=out, resume=True, **SMALL))
+    result = training.train(TrainConfig(epochs=2, out_dir=out, resume=True, **SMALL))
+    second = checkpoint.read_json(os.path.join(out, "checkpoint/state.json"))
     history = json.load(open(os.path.join(out, "metrics.json")))
     assert first["epoch"] == 1 and [h["epoch"] for h in history] == [1, 2]
+    # The run's training time sums its epochs over both processes.
+    assert 0 < first["train_seconds"] < second["train_seconds"]
+    assert result["train_seconds"] == round(second["train_seconds"], 1)
     lines = open(os.path.join(out, "metrics.csv")).read().strip().splitlines()
     assert len(lines) == 3  # header + one row per epoch, appended on resume
     import keras
