@@ -246,7 +246,8 @@ def evaluate(model, x, y, attacks=("clean", "pgd20"), eps=8 / 255, step_size=Non
         x, y: NumPy images in [0, 1] and integer labels.
         attacks: attack names (module docstring).
         eps, step_size, norm, seed: the threat model and the attacks' step and seed; every
-            objective's run of an attack starts from the same seed.
+            objective's run of an attack starts from the same seed (an attack object's
+            runs, from its random state at the call).
         batch_size: images per attack call.
         verbose: 1 shows a progress bar per attack.
         loss: "adaptive" (default: the worst case over `ADAPTIVE` for a model with
@@ -294,9 +295,14 @@ def evaluate(model, x, y, attacks=("clean", "pgd20"), eps=8 / 255, step_size=Non
                                                  verbose, options)
         elif takes_objective(attack):
             by_pred = {}
+            # An attack object's random state at this call: each objective's run starts
+            # from it, as each named attack's run starts from `seed`.
+            start_state = None if isinstance(item, str) else attack.seed_generator.state.numpy()
             for i, objective in enumerate(names):
                 atk = (attack if i == 0 or not isinstance(item, str)
                        else parse_attack(name, model, eps, step_size, norm, seed, **options))
+                if start_state is not None:
+                    atk.seed_generator.state.assign(start_state)
                 bar = keras.utils.Progbar(len(x), unit_name="image") if verbose else None
                 if verbose:
                     print(f"{name}: {atk!r}" + (f", {objective} loss" if len(names) > 1

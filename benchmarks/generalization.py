@@ -85,15 +85,24 @@ def generalization_callback(train_xy, test_xy, eval_steps, seed):
     from again_tf import evaluation
 
     class Generalization(keras.callbacks.Callback):
+        attack = None
+
         def on_epoch_end(self, epoch, logs=None):
             if not measured(epoch):
                 return
             net = self.model.model  # the classifier inside the AdversarialModel
+            if self.attack is None:
+                # One attack for the whole run, so its compiled objectives are reused
+                # every epoch; each measurement starts from `seed`, as a new one would.
+                self.attack = evaluation.parse_attack(f"pgd{eval_steps}", net, EPS, STEP,
+                                                      seed=seed)
+                self.start_state = self.attack.seed_generator.state.numpy()
             for split, (x, y) in (("train", train_xy), ("test", test_xy)):
-                scores = evaluation.evaluate(net, x, y, ["clean", f"pgd{eval_steps}"],
-                                             eps=EPS, step_size=STEP, seed=seed)
+                self.attack.seed_generator.state.assign(self.start_state)
+                scores = evaluation.evaluate(net, x, y, ["clean", self.attack], eps=EPS,
+                                             step_size=STEP, seed=seed)
                 logs[f"{split}_clean"] = scores["clean"]["accuracy"]
-                logs[f"{split}_robust"] = scores[f"pgd{eval_steps}"]["accuracy"]
+                logs[f"{split}_robust"] = scores[repr(self.attack)]["accuracy"]
             print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {logs[k]:.3f}" for k in KEYS),
                   flush=True)
 

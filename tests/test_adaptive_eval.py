@@ -131,6 +131,20 @@ def test_an_attack_object_evaluated_again_reuses_its_traces(aux_adv, test_set):
                                   second[repr(attack)]["correct"])
 
 
+def test_an_attack_objects_objectives_start_from_its_random_state(aux_adv, test_set):
+    """Each objective's run of an attack object starts from the object's random state at
+    the call, as the named attack's runs start from `seed`: the same images survive."""
+    net = aux_adv.model
+    x, y = test_set[0][:100], test_set[1][:100]
+    named = evaluation.evaluate(net, x, y, ["pgd3"], eps=EPS, seed=7)["pgd3"]
+    attack = evaluation.parse_attack("pgd3", net, EPS, seed=7)
+    given = evaluation.evaluate(net, x, y, [attack], eps=EPS, seed=7)[repr(attack)]
+    assert list(given["correct_by_loss"]) == list(named["correct_by_loss"])
+    for objective, correct in named["correct_by_loss"].items():
+        np.testing.assert_array_equal(given["correct_by_loss"][objective], correct,
+                                      err_msg=objective)
+
+
 def test_autoattack_adds_apgd_on_the_other_objectives(aux_adv, test_set):
     net = aux_adv.model
     x, y = test_set[0][:100], test_set[1][:100]
