@@ -295,20 +295,17 @@ def evaluate(model, x, y, attacks=("clean", "pgd20"), eps=8 / 255, step_size=Non
                                                  verbose, options)
         elif takes_objective(attack):
             by_pred = {}
-            # An attack object's random state at this call: each objective's run starts
-            # from it, as each named attack's run starts from `seed`.
-            start_state = None if isinstance(item, str) else attack.seed_generator.state.numpy()
-            for i, objective in enumerate(names):
-                atk = (attack if i == 0 or not isinstance(item, str)
-                       else parse_attack(name, model, eps, step_size, norm, seed, **options))
-                if start_state is not None:
-                    atk.seed_generator.state.assign(start_state)
+            # Each objective's run starts from the same random state (a named attack's is
+            # `seed`'s, an attack object's the one it has at this call).
+            start_state = attack.seed_generator.state.numpy()
+            for objective in names:
+                attack.seed_generator.state.assign(start_state)
                 bar = keras.utils.Progbar(len(x), unit_name="image") if verbose else None
                 if verbose:
-                    print(f"{name}: {atk!r}" + (f", {objective} loss" if len(names) > 1
-                                                or objective != "main" else ""))
-                adv = adversarial(atk, x, y, batch_size, progress=bar,
-                                  loss_fn=objective_for(atk, objective, model, aux_weight))
+                    print(f"{name}: {attack!r}" + (f", {objective} loss" if len(names) > 1
+                                                   or objective != "main" else ""))
+                adv = adversarial(attack, x, y, batch_size, progress=bar,
+                                  loss_fn=objective_for(attack, objective, model, aux_weight))
                 by_pred[objective] = predictions(predict, adv, batch_size)
             inputs = None
         else:

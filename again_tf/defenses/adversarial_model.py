@@ -294,8 +294,8 @@ class AdversarialModel(keras.Model):
 
         Without a distribution strategy Keras defers building to the first trace of the
         step; a `tf.function` whose first trace creates variables is traced a second time,
-        which doubled the time before the first step (11 s → 6 s for `again_pgd` on the
-        small CNN in a probe). Other inputs (generators, `PyDataset`) keep Keras' way.
+        which nearly doubled the time before the first step. Other inputs (generators,
+        `PyDataset`) keep Keras' way.
         """
         if self.built and (self.optimizer is None or self.optimizer.built):
             return
