@@ -377,7 +377,7 @@ def run():
     total = time.time() - started  # loading, every attack, reports and plots
     per_attack = ", ".join(f"{name} {len(y) / max(r['seconds'], 1e-9):.2f}"
                            for name, r in results.items() if name != "clean")
-    print(f"Throughput: {len(y)} images in {total:.1f} s for the whole evaluation "
+    print(f"Throughput: {len(y)} images in {total:.2f} s for the whole evaluation "
           f"({len(y) / total:.2f} images/s); images/s per attack: {per_attack or '-'}")
     return report
 

@@ -144,7 +144,8 @@ def test_evaluate_prints_images_per_second(tmp_path):
                          r"\(([\d.]+) images/s\); images/s per attack: aa ([\d.]+)", last)
     assert match, last
     total, rate, aa_rate = map(float, match.groups())
-    assert rate == pytest.approx(12 / total, rel=0.05, abs=0.01)
+    # The seconds are printed to 0.01 s: a quick run's rate is only known to that rounding.
+    assert 12 / (total + 0.005) - 0.01 <= rate <= 12 / max(total - 0.005, 1e-3) + 0.01
     report = json.loads((tmp_path / "eval_m.json").read_text())
     assert aa_rate == pytest.approx(12 / report["attacks"]["aa"]["seconds"], rel=0.05)
     assert total >= report["attacks"]["aa"]["seconds"]
