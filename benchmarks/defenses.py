@@ -50,7 +50,13 @@ one. A rerun skips the finished runs (results.json, same configuration), resumes
 unfinished ones, and reuses each run's measured row (`defenses_eval.json` in its folder)
 when the evaluation settings are unchanged (`--reevaluate` measures again). A defense that
 fails is reported and left out of the table, and the script exits non-zero.
-`--from_runs` trains nothing: it rebuilds the table from the finished runs. The Markdown
+Each measured run is also written as a small record, `--records_dir`/<defense>/seed<k>.json
+(default `benchmarks/records/defenses/<model>_w<width>/`, kept in git): its train.py
+configuration, the evaluation settings and the measurements. The run folders hold the models
+and are not kept in git.
+`--from_runs` trains nothing: it rebuilds the table from the finished runs, and for a run
+whose folder is gone (a fresh clone) from its record, if the record's configuration and
+evaluation settings equal this command's. The Markdown
 table is printed with each row's reproducing command and each run's train.py command;
 `--json` gets the rows.
 """
@@ -108,7 +114,11 @@ flags.DEFINE_bool("cw", False, "Add the adaptive CW-∞ column (as the small-CNN
 flags.DEFINE_string("out_dir", None, "Folder of the runs, one subfolder <defense>/seed<k> per "
                     "run. Default: runs/defenses/<model>_w<width>.")
 flags.DEFINE_bool("from_runs", False, "Train nothing: rebuild the table from the finished "
-                  "runs in --out_dir (their results.json and model.keras).")
+                  "runs in --out_dir (their results.json and model.keras), or from their "
+                  "records in --records_dir where the run folder is gone.")
+flags.DEFINE_string("records_dir", None, "Folder of the per-run records (configuration, "
+                    "evaluation settings, measurements), one <defense>/seed<k>.json per run "
+                    "(default benchmarks/records/defenses/<model>_w<width>).")
 flags.DEFINE_bool("reevaluate", False, "Measure every run again instead of reusing the "
                   "measurements saved in its folder.")
 flags.DEFINE_string("json", os.path.join(ROOT, "benchmarks", "defenses.json"),
@@ -201,19 +211,23 @@ def _json(cfg):
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
 
 
-def finished(cfg):
-    """True if `cfg.out_dir` holds a finished run of the same configuration."""
+def same_config(previous, cfg):
+    """True if a run's saved configuration (run.json) is the one `cfg` would train."""
     from again_tf import training
 
+    mine = _json(training.resolve(cfg)[0])
+    ignore = {"out_dir", "resume", "verbose", "jit_compile", "data_dir"}
+    return all(previous[k] == mine[k] for k in set(previous) & set(mine) - ignore)
+
+
+def finished(cfg):
+    """True if `cfg.out_dir` holds a finished run of the same configuration."""
     done = os.path.join(cfg.out_dir, "results.json")
     run_file = os.path.join(cfg.out_dir, "run.json")
     if not (os.path.exists(done) and os.path.exists(run_file)):
         return False
     with open(run_file) as f:
-        previous = json.load(f)
-    mine = _json(training.resolve(cfg)[0])
-    ignore = {"out_dir", "resume", "verbose", "jit_compile", "data_dir"}
-    return all(previous[k] == mine[k] for k in set(previous) & set(mine) - ignore)
+        return same_config(json.load(f), cfg)
 
 
 def train_run(defense, seed, run_dir):
@@ -235,13 +249,51 @@ def train_run(defense, seed, run_dir):
     return train_command(cfg)
 
 
-def eval_settings(run_dir, defense):
-    """What a run's measurements depend on besides the run: reused only if all equal."""
-    model_file = os.path.join(run_dir, "model.keras")
-    stat = os.stat(model_file)
+def eval_settings(defense):
+    """What a run's measurements depend on besides the run and its model file."""
     return {"test_images": FLAGS.test_images, "aa_images": FLAGS.aa_images if with_aa(defense)
-            else 0, "cw": FLAGS.cw, "eps": EPS, "step_size": STEP, "attack": PGD,
-            "model_file": [stat.st_size, stat.st_mtime_ns], "version": 1}
+            else 0, "cw": FLAGS.cw, "eps": EPS, "step_size": STEP, "attack": PGD, "version": 1}
+
+
+def model_settings(run_dir, defense):
+    """eval_settings and the model file's size and time: measurements are reused only if
+    all are equal."""
+    stat = os.stat(os.path.join(run_dir, "model.keras"))
+    return {**eval_settings(defense), "model_file": [stat.st_size, stat.st_mtime_ns]}
+
+
+def record_path(records_dir, defense, seed):
+    return os.path.join(records_dir, defense, f"seed{seed}.json")
+
+
+def write_record(records_dir, defense, seed, run_dir, measured):
+    """Keeps a run's configuration, evaluation settings and measurements where git can."""
+    with open(os.path.join(run_dir, "run.json")) as f:
+        config = json.load(f)
+    path = record_path(records_dir, defense, seed)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"defense": defense, "seed": seed, "config": config,
+                   "settings": eval_settings(defense), "measured": measured}, f, indent=2)
+        f.write("\n")
+
+
+def from_record(records_dir, defense, seed, run_dir):
+    """The measurements of a run whose folder is gone, from its record; Failure if there is
+    none or it was made with another configuration or other evaluation settings."""
+    path = record_path(records_dir, defense, seed)
+    if not os.path.exists(path):
+        raise Failure(f"no finished run in {run_dir} and no record {path}")
+    with open(path) as f:
+        record = json.load(f)
+    if not same_config(record["config"], train_config(defense, seed, run_dir)):
+        raise Failure(f"the record {path} is of another training configuration")
+    if record["settings"] != eval_settings(defense):
+        raise Failure(f"the record {path} was measured with other settings: "
+                      f"{record['settings']}, not {eval_settings(defense)}")
+    print(f"{defense} seed {seed}: no model in {run_dir}; measurements from {path}",
+          flush=True)
+    return record["measured"]
 
 
 def measure(defense, run_dir):
@@ -252,7 +304,7 @@ def measure(defense, run_dir):
         result = json.load(f)
     with open(os.path.join(run_dir, "run.json")) as f:
         cfg = json.load(f)
-    settings = eval_settings(run_dir, defense)
+    settings = model_settings(run_dir, defense)
     if os.path.exists(cache) and not FLAGS.reevaluate:
         with open(cache) as f:
             saved = json.load(f)
@@ -421,6 +473,8 @@ def main(argv):
         sys.exit(f"defenses.py: error: {e}")
     default_out_dir = os.path.join("runs", "defenses", f"{model}_w{width}")
     out_dir = FLAGS.out_dir or default_out_dir
+    records_dir = FLAGS.records_dir or os.path.join(ROOT, "benchmarks", "records", "defenses",
+                                                    f"{model}_w{width}")
     rows, failed = [], {}
     for defense in FLAGS.defenses:
         runs = []
@@ -431,7 +485,11 @@ def main(argv):
                     command = train_command(train_config(defense, seed, run_dir))
                 else:
                     command = train_run(defense, seed, run_dir)
-                measured = measure(defense, run_dir)
+                if FLAGS.from_runs and not os.path.exists(os.path.join(run_dir, "model.keras")):
+                    measured = from_record(records_dir, defense, seed, run_dir)
+                else:
+                    measured = measure(defense, run_dir)
+                    write_record(records_dir, defense, seed, run_dir, measured)
             except (Failure, *RUN_ERRORS) as e:
                 message = " ".join(str(e).split())
                 failed.setdefault(defense, {})[str(seed)] = message
@@ -474,7 +532,7 @@ def main(argv):
                    "seeds": [int(s) for s in FLAGS.seeds], "seeds_for": FLAGS.seeds_for,
                    "spread": "(max - min) / 2 over the seeds", "runs": out_dir,
                    "rows": rows, "failed": failed}, f, indent=2)
-    print(f"\nRows written to {FLAGS.json}; runs in {out_dir}")
+    print(f"\nRows written to {FLAGS.json}; runs in {out_dir}; records in {records_dir}")
     if failed:
         shown = {r["defense"] for r in rows}
         out = [d for d in failed if d not in shown]

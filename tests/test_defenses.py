@@ -4,6 +4,7 @@ registry, checkpoints, train.py, and real robustness on Fashion-MNIST."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -562,7 +563,8 @@ def test_benchmark_script_keeps_the_table_when_a_defense_fails(tmp_path):
     script = [sys.executable, os.path.join("benchmarks", "defenses.py"), "--epochs=1",
               "--train_size=256", "--val_size=64", "--test_images=32", "--attack_steps=1",
               "--model=small_cnn", "--width=4", "--aa_images=16", "--aa_defenses=none",
-              f"--out_dir={runs}", f"--json={tmp_path / 't.json'}"]
+              f"--out_dir={runs}", f"--json={tmp_path / 't.json'}",
+              f"--records_dir={tmp_path / 'records'}"]
     trained = subprocess.run(script + ["--defenses=none,cas"], cwd=ROOT, capture_output=True,
                              text=True, timeout=600)
     assert trained.returncode == 0, trained.stderr[-2000:]
@@ -595,3 +597,18 @@ def test_benchmark_script_keeps_the_table_when_a_defense_fails(tmp_path):
     assert cas["pgd20_all"] <= min(cas["pgd20"], cas["pgd20_mask"])
     assert f"--out_dir={runs / 'cas' / 'seed0'}" in cas["runs"][0]["train_command"]
     assert "--defenses=cas" in cas["command"] and cas["command"] in rebuilt.stdout
+    # A fresh clone has the records, not the run folders: the table comes back from them,
+    # but only for the same configuration and evaluation settings.
+    assert (tmp_path / "records" / "none" / "seed0.json").exists()
+    shutil.rmtree(runs / "none")
+    recorded = run_main(*script[1:], "--defenses=none,cas", "--from_runs")
+    assert recorded.returncode == 0, recorded.stderr[-2000:]
+    assert "measurements from" in recorded.stdout
+    again_rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert [r["runs"][0]["measured"] for r in again_rows] == [
+        r["runs"][0]["measured"] for r in table["rows"]]
+    for other in ("--aa_images=8", "--attack_steps=2"):
+        mismatch = run_main(*script[1:], "--defenses=none", "--from_runs", other)
+        assert mismatch.returncode != 0 and "none failed" in mismatch.stderr, other
+        assert ("measured with other settings" if "aa_images" in other
+                else "another training configuration") in mismatch.stderr, mismatch.stderr
