@@ -190,8 +190,10 @@ def test_square_uses_no_gradient_and_stays_in_ball(trained_cnn, batch):
     guarded = NoGradient(trained_cnn)
     with pytest.raises(Exception, match="gradient of the model"):
         APGD(guarded, EPS, n_iter=2)(x[:4], y[:4])  # the guard works
+    # Seeds 0-2 on this model: linf 200 queries lower accuracy by only 0.09-0.11, 400 by
+    # 0.16-0.17.
     for norm, eps in (("linf", EPS), ("l2", 1.0)):
-        x_adv = Square(guarded, eps, norm=norm, n_queries=200, seed=0)(x, y).numpy()
+        x_adv = Square(guarded, eps, norm=norm, n_queries=400, seed=0)(x, y).numpy()
         assert sizes(x_adv, x, norm).max() <= eps + 1e-5
         assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
         clean = np.mean(predict(trained_cnn, x) == y)
