@@ -270,6 +270,8 @@ def write_record(records_dir, defense, seed, run_dir, measured):
     """Keeps a run's configuration, evaluation settings and measurements where git can."""
     with open(os.path.join(run_dir, "run.json")) as f:
         config = json.load(f)
+    for machine_specific in ("out_dir", "data_dir", "resume"):
+        config.pop(machine_specific, None)
     path = record_path(records_dir, defense, seed)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
