@@ -6,8 +6,8 @@ So that README and code cannot drift apart:
   `again_tf.data.load`/`load_arrays` returns (`README_IMAGES` images) and the epochs of
   `fit` (1). Set AGAIN_TF_README_FULL=1 to run the blocks at their written size.
 - every `python <script> ...` command in README.md (indented or fenced) is parsed by its
-  script's own flags and its configuration validated, all commands of one script in one
-  fresh interpreter (the scripts define their flags at import). The main job itself,
+  script's own flags and its configuration validated, all scripts in one fresh interpreter
+  (the scripts define their flags at import; each script's are removed before the next). The main job itself,
   `python train.py`, runs end to end in tests/test_training.py's CLI test.
 """
 
@@ -107,38 +107,46 @@ def test_python_blocks_run_in_order(shrunk):
              {"__name__": "readme"})
 
 
-def _check_script_commands(script, commands, tmp_path):
-    """Parses each command's flags with `script`'s definitions and validates the config."""
-    argvs = [shlex.split(c, comments=True)[1:] for c in commands]
-    code = textwrap.dedent(f"""
-        import json, os, sys
-        sys.argv = [{script!r}]
-        sys.path.insert(0, os.path.dirname({script!r}) or ".")
-        import runpy
-        module = runpy.run_path({script!r}, run_name="readme_check")
+def _check_script_commands(by_script):
+    """Parses each command's flags with its script's definitions and validates the config,
+    every script in one fresh interpreter (one TensorFlow start-up): {script: failures}.
+    absl keeps one set of flags per process, so each script's are removed before the next
+    script defines its own."""
+    code = textwrap.dedent("""
+        import json, os, runpy, sys
         from absl import flags
-        failures = []
-        for argv in json.loads(sys.stdin.read()):
-            if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv):
-                continue  # help is tested in tests/test_cli.py
-            flags.FLAGS.unparse_flags()
-            try:
-                if "parse_args" in module:  # an argparse script
-                    module["parse_args"](argv[1:])
-                    continue
-                flags.FLAGS(argv)
-                check = module.get("check_flags")
-                if check is not None:
-                    check()
-            except (Exception, SystemExit) as e:  # one line per failing command
-                failures.append(" ".join(argv) + " -> " + type(e).__name__ + ": " + str(e))
-        print(json.dumps(failures))
+        absl_own = set(flags.FLAGS)
+        results = {}
+        for script, argvs in json.loads(sys.stdin.read()).items():
+            for name in set(flags.FLAGS) - absl_own:
+                delattr(flags.FLAGS, name)
+            sys.argv = [script]
+            sys.path.insert(0, os.path.dirname(script) or ".")
+            module = runpy.run_path(script, run_name="readme_check")
+            sys.path.pop(0)
+            failures = results[script] = []
+            for argv in argvs:
+                if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv):
+                    continue  # help is tested in tests/test_cli.py
+                flags.FLAGS.unparse_flags()
+                try:
+                    if "parse_args" in module:  # an argparse script
+                        module["parse_args"](argv[1:])
+                        continue
+                    flags.FLAGS(argv)
+                    check = module.get("check_flags")
+                    if check is not None:
+                        check()
+                except (Exception, SystemExit) as e:  # one line per failing command
+                    failures.append(" ".join(argv) + " -> " + type(e).__name__ + ": " + str(e))
+        print(json.dumps(results))
     """)
+    argvs = {script: [shlex.split(c, comments=True)[1:] for c in commands]
+             for script, commands in by_script.items()}
     proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(argvs), cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    failures = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert not failures, failures
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def commands_by_script():
@@ -148,7 +156,14 @@ def commands_by_script():
     return by_script
 
 
+@pytest.fixture(scope="module")
+def command_failures():
+    scripts = {s: c for s, c in commands_by_script().items()
+               if os.path.exists(os.path.join(ROOT, s))}
+    return _check_script_commands(scripts)
+
+
 @pytest.mark.parametrize("script", sorted(commands_by_script()))
-def test_shell_commands_parse_and_validate(script, tmp_path):
+def test_shell_commands_parse_and_validate(script, command_failures):
     assert os.path.exists(os.path.join(ROOT, script)), f"README runs {script}, which is missing"
-    _check_script_commands(script, commands_by_script()[script], tmp_path)
+    assert command_failures[script] == [], command_failures[script]
