@@ -134,7 +134,8 @@ def _check_script_commands(by_script):
                         module["parse_args"](argv[1:])
                         continue
                     flags.FLAGS(argv)
-                    check = module.get("check_flags")
+                    # train.py and the benchmarks name it check_flags, evaluate.py validate.
+                    check = module.get("check_flags") or module.get("validate")
                     if check is not None:
                         check()
                 except (Exception, SystemExit) as e:  # one line per failing command
