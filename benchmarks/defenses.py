@@ -137,6 +137,8 @@ COLUMNS = (("clean", "clean"), ("pgd20", "PGD-20"), ("aa", "AutoAttack"),
            ("train_seconds", "train s"))
 SAME_AS_PGD20 = ("pgd20_combined", "pgd20_main", "pgd20_mask")  # "=" without aux heads
 AUX_ONLY = ("aux_clean", "aux_pgd20", "agree_clean", "agree_pgd20")  # "—" without aux heads
+# run.json keys that depend on the machine or the invocation, not on what is trained.
+NOT_CONFIGURATION = ("out_dir", "resume", "verbose", "jit_compile", "data_dir")
 RUN_ERRORS = (ValueError, OSError, FloatingPointError, KeyError)
 
 
@@ -216,8 +218,8 @@ def same_config(previous, cfg):
     from again_tf import training
 
     mine = _json(training.resolve(cfg)[0])
-    ignore = {"out_dir", "resume", "verbose", "jit_compile", "data_dir"}
-    return all(previous[k] == mine[k] for k in set(previous) & set(mine) - ignore)
+    return all(previous[k] == mine[k]
+               for k in set(previous) & set(mine) - set(NOT_CONFIGURATION))
 
 
 def finished(cfg):
@@ -270,8 +272,8 @@ def write_record(records_dir, defense, seed, run_dir, measured):
     """Keeps a run's configuration, evaluation settings and measurements where git can."""
     with open(os.path.join(run_dir, "run.json")) as f:
         config = json.load(f)
-    for machine_specific in ("out_dir", "data_dir", "resume"):
-        config.pop(machine_specific, None)
+    for key in NOT_CONFIGURATION:
+        config.pop(key, None)
     path = record_path(records_dir, defense, seed)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
