@@ -288,8 +288,16 @@ def from_record(records_dir, defense, seed, run_dir):
     path = record_path(records_dir, defense, seed)
     if not os.path.exists(path):
         raise Failure(f"no finished run in {run_dir} and no record {path}")
-    with open(path) as f:
-        record = json.load(f)
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as e:
+        raise Failure(f"the record {path} is unreadable: {' '.join(str(e).split())}") from e
+    if not isinstance(record, dict):
+        raise Failure(f"the record {path} is unreadable: not a JSON object")
+    keys = {"config", "settings", "measured"} - set(record)
+    if keys:
+        raise Failure(f"the record {path} lacks {', '.join(sorted(keys))}")
     if not same_config(record["config"], train_config(defense, seed, run_dir)):
         raise Failure(f"the record {path} is of another training configuration")
     if record["settings"] != eval_settings(defense):

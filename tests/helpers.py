@@ -1,5 +1,6 @@
 """Helpers shared by several test files."""
 
+import json
 import os
 import signal
 import subprocess
@@ -19,20 +20,53 @@ def sigint_as_a_terminal_sends_it():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+# Loads SavedModels and serves them, one job per line of stdin: a process that imports
+# TensorFlow and NumPy only (no again_tf, no Keras objects registered), as a server would.
+SERVER = textwrap.dedent("""
+    import json, sys
+    import numpy as np, tensorflow as tf
+    for line in sys.stdin:
+        export, x_path, y_path = json.loads(line)
+        try:
+            served = tf.saved_model.load(export)
+            np.save(y_path, served.serve(np.load(x_path)).numpy())
+            print("served", flush=True)
+        except Exception as e:  # the test fails with it; the server serves the next job
+            print("failed", " ".join(f"{type(e).__name__}: {e}".split()), flush=True)
+""")
+_server = []
+
+
+def serve_saved_model(export, x, y_path):
+    """Serves `x` from the SavedModel folder `export` in the serving process (one per test
+    worker, started at first use: one TensorFlow start-up for all the export tests), saves
+    the output to `y_path` and returns it."""
+    if not _server or _server[0].poll() is not None:
+        _server[:] = [subprocess.Popen(
+            [sys.executable, "-c", SERVER], cwd=ROOT, text=True, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})]
+    proc = _server[0]
+    x_path = f"{y_path}.x.npy"
+    np.save(x_path, x)
+    proc.stdin.write(json.dumps([str(export), x_path, str(y_path)]) + "\n")
+    proc.stdin.flush()
+    while True:  # TensorFlow may print its own lines first
+        reply = proc.stdout.readline()
+        if not reply:
+            raise AssertionError(f"the serving process died (exit {proc.wait()})")
+        if reply.startswith(("served", "failed")):
+            break
+    assert reply.startswith("served"), f"serving {export}: {reply.strip()}"
+    return np.load(y_path)
+
+
 def served_in_fresh_process(model, x, tmp_path):
-    """Exports `model` (float32 images -> logits), serves `x` from it in a new process."""
+    """Exports `model` (float32 images -> logits) and serves `x` from the SavedModel in a
+    process that never saw the model's Python objects (`serve_saved_model`)."""
     export = str(tmp_path / "saved")
     model.export(export, format="tf_saved_model", verbose=False,
                  input_signature=[tf.TensorSpec((None,) + tuple(x.shape[1:]), tf.float32)])
-    np.save(tmp_path / "x.npy", x)
-    script = textwrap.dedent(f"""
-        import numpy as np, tensorflow as tf
-        served = tf.saved_model.load({export!r})
-        np.save({str(tmp_path / 'y.npy')!r}, served.serve(np.load({str(tmp_path / 'x.npy')!r})).numpy())
-    """)
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT,
-                   env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    return np.load(tmp_path / "y.npy")
+    return serve_saved_model(export, x, tmp_path / "y.npy")
 
 
 def load_script(script):

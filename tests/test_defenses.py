@@ -612,3 +612,11 @@ def test_benchmark_script_keeps_the_table_when_a_defense_fails(tmp_path):
         assert mismatch.returncode != 0 and "none failed" in mismatch.stderr, other
         assert ("measured with other settings" if "aa_images" in other
                 else "another training configuration") in mismatch.stderr, mismatch.stderr
+    # A damaged record fails its row with a line naming the file.
+    record = tmp_path / "records" / "none" / "seed0.json"
+    for text, reason in (('{"config": ', "is unreadable"), ("[]", "is unreadable"),
+                         ('{"config": {}}', "lacks measured, settings")):
+        record.write_text(text)
+        damaged = run_main(*script[1:], "--defenses=none", "--from_runs")
+        assert damaged.returncode != 0, text
+        assert f"the record {record} {reason}" in damaged.stderr, damaged.stderr

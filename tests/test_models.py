@@ -328,7 +328,9 @@ def test_default_model_with_inserted_layers_saves_reloads_and_exports(defense, t
     net = models.build("preact_resnet18", 10, width=4)
     adv = AdversarialModel(net, defense=defense, eps=0.1, step_size=0.05, steps=1,
                            eval_steps=0)
-    adv.compile(optimizer=keras.optimizers.Adam(1e-2))
+    # Eager steps: what is saved is the layers and their state, not a trace (the default
+    # model's compiled AGAIN step runs in test_training's end-to-end train.py run).
+    adv.compile(optimizer=keras.optimizers.Adam(1e-2), run_eagerly=True)
     x = images((28, 28, 1), batch=16)
     adv.fit(x, np.arange(16) % 10, batch_size=8, epochs=1, verbose=0)
     assert sorted(net.inserts) == ["penultimate", "stage4.block0"]

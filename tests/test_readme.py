@@ -6,24 +6,20 @@ So that README and code cannot drift apart:
   `again_tf.data.load`/`load_arrays` returns (`README_IMAGES` images) and the epochs of
   `fit` (1). Set AGAIN_TF_README_FULL=1 to run the blocks at their written size.
 - every `python <script> ...` command in README.md (indented or fenced) is parsed by its
-  script's own flags and its configuration validated, all scripts in one fresh interpreter
+  script's own flags and its configuration validated, all scripts in the test process
   (the scripts define their flags at import; each script's are removed before the next). The main job itself,
   `python train.py`, runs end to end in tests/test_training.py's CLI test.
 """
 
-import json
 import os
 import re
 import shlex
-import subprocess
-import sys
-import textwrap
 
 import again_tf
 from again_tf import data  # noqa: F401  (first: imports TensorFlow quietly)
 import keras
 import pytest
-from helpers import ROOT
+from helpers import ROOT, load_script
 
 README = os.path.join(ROOT, "README.md")
 README_IMAGES = 256
@@ -109,23 +105,19 @@ def test_python_blocks_run_in_order(shrunk):
 
 def _check_script_commands(by_script):
     """Parses each command's flags with its script's definitions and validates the config,
-    every script in one fresh interpreter (one TensorFlow start-up): {script: failures}.
-    absl keeps one set of flags per process, so each script's are removed before the next
-    script defines its own."""
-    code = textwrap.dedent("""
-        import json, os, runpy, sys
-        from absl import flags
-        absl_own = set(flags.FLAGS)
-        results = {}
-        for script, argvs in json.loads(sys.stdin.read()).items():
-            for name in set(flags.FLAGS) - absl_own:
-                delattr(flags.FLAGS, name)
-            sys.argv = [script]
-            sys.path.insert(0, os.path.dirname(script) or ".")
-            module = runpy.run_path(script, run_name="readme_check")
-            sys.path.pop(0)
+    in this process (no TensorFlow start-up of its own): {script: failures}. absl keeps one
+    set of flags per process; `load_script` drops each script's flags before the next
+    script defines its own, as `run_main` does."""
+    from absl import flags
+
+    results, cwd = {}, os.getcwd()
+    os.chdir(ROOT)  # the commands name files relative to the project
+    try:
+        for script, commands in by_script.items():
+            module = load_script(script)
             failures = results[script] = []
-            for argv in argvs:
+            for command in commands:
+                argv = shlex.split(command, comments=True)[1:]
                 if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv):
                     continue  # help is tested in tests/test_cli.py
                 flags.FLAGS.unparse_flags()
@@ -139,15 +131,11 @@ def _check_script_commands(by_script):
                     if check is not None:
                         check()
                 except (Exception, SystemExit) as e:  # one line per failing command
-                    failures.append(" ".join(argv) + " -> " + type(e).__name__ + ": " + str(e))
-        print(json.dumps(results))
-    """)
-    argvs = {script: [shlex.split(c, comments=True)[1:] for c in commands]
-             for script, commands in by_script.items()}
-    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(argvs), cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+                    failures.append(f"{' '.join(argv)} -> {type(e).__name__}: {e}")
+    finally:
+        os.chdir(cwd)
+        flags.FLAGS.unparse_flags()
+    return results
 
 
 def commands_by_script():

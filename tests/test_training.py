@@ -15,7 +15,7 @@ import tensorflow as tf
 from again_tf import checkpoint, training
 from again_tf.defenses import PGDAT, registry
 from again_tf.training import RunError, TrainConfig
-from helpers import load_script, run_main, sigint_as_a_terminal_sends_it
+from helpers import load_script, run_main, serve_saved_model, sigint_as_a_terminal_sends_it
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The run's life does not depend on the network: the small CNN traces in seconds, where the
@@ -70,13 +70,9 @@ def test_export_serves_the_same_predictions_in_a_fresh_process(finished_run, tmp
 
     from again_tf import data
     x = data.load_arrays("fashion_mnist", "test[:32]")[0].astype(np.float32) / 255
-    np.save(tmp_path / "x.npy", x)
-    code = ("import sys, numpy as np, tensorflow as tf; m = tf.saved_model.load(sys.argv[1]); "
-            "np.save(sys.argv[3], m.serve(np.load(sys.argv[2])).numpy())")
-    subprocess.run([sys.executable, "-c", code, os.path.join(out, "saved_model"),
-                    str(tmp_path / "x.npy"), str(tmp_path / "y.npy")], check=True, timeout=300)
+    served = serve_saved_model(os.path.join(out, "saved_model"), x, tmp_path / "y.npy")
     keras_logits = keras.models.load_model(os.path.join(out, "model.keras"))(x)
-    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), keras_logits, atol=1e-4)
+    np.testing.assert_allclose(served, keras_logits, atol=1e-4)
 
 
 def test_out_dir_holding_a_run_is_refused_and_untouched(finished_run):
