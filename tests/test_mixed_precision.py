@@ -165,3 +165,38 @@ def test_defenses_train_under_mixed_float16_as_under_float32(defense, fashion_tr
             (key, logs, reference)
     if defense == "pgd_at":
         assert logs["val_accuracy"][-1] > 0.2  # it learns (10 classes)
+
+
+def test_awp_skips_a_step_whose_scaled_proxy_gradient_overflows():
+    """A loss scale so large that AWP's ascent gradient overflows float16: v would be NaN,
+    and the pass at w + v would write NaN into the BatchNorm statistics for good (a whole
+    run then trains on nothing: seen with trades_awp, whose first steps overflow at the
+    default initial scale 2^15). The step must be skipped and the scale lowered instead,
+    and the next step, at a scale that fits, taken."""
+    from again_tf.defenses import AWP, Standard
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(size=(16, 6, 6, 1)).astype(np.float32), rng.integers(0, 3, 16)
+    with precision.policy("float16"):
+        net = keras.Sequential([
+            keras.Input((6, 6, 1)), keras.layers.Conv2D(4, 3), keras.layers.BatchNormalization(),
+            keras.layers.ReLU(), keras.layers.Flatten(), keras.layers.Dense(3, dtype="float32")])
+        adv = AdversarialModel(net, defense=Standard(), modifiers=[AWP(gamma=0.05)],
+                               eval_steps=0)
+        adv.compile(optimizer=keras.optimizers.LossScaleOptimizer(
+            keras.optimizers.SGD(0.1), initial_scale=2.0 ** 40))
+    before = [v.numpy() for v in net.trainable_variables]
+    history = adv.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False).history
+    assert float(adv.optimizer.dynamic_scale.numpy()) == 2.0 ** 39  # skipped: scale halved
+    for b, v in zip(before, net.trainable_variables):
+        np.testing.assert_array_equal(b, v.numpy())
+    bn = net.layers[1]
+    assert np.isfinite(bn.moving_mean.numpy()).all() and np.isfinite(
+        bn.moving_variance.numpy()).all(), (bn.moving_mean.numpy(), bn.moving_variance.numpy())
+    assert np.isfinite(history["loss"]).all(), history
+    adv.optimizer.dynamic_scale.assign(128.0)
+    adv.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    after = [v.numpy() for v in net.trainable_variables]
+    assert all(np.isfinite(a).all() for a in after)
+    assert all(not np.array_equal(b, a) for b, a in zip(before, after))

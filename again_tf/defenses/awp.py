@@ -80,7 +80,8 @@ class AWP(Modifier):
         return [v for v in adv_model.model.trainable_variables if len(v.shape) >= 2]
 
     def perturbation(self, adv_model, loss_fn, variables):
-        """v for each of `variables`, from one ascent step on `loss_fn()` at the current w."""
+        """v for each of `variables`, from one ascent step on `loss_fn()` at the current w,
+        and whether that step's gradient was finite (v is zero where it was not)."""
         state = adv_model.model.non_trainable_weights + adv_model.objective.non_trainable_weights
         saved_state = [tf.identity(s) for s in state]
         with tf.GradientTape() as tape:
@@ -89,6 +90,10 @@ class AWP(Modifier):
             loss = adv_model.optimizer.scale_loss(scale_for_replicas(loss_fn()))
         grads = sum_over_replicas(tape.gradient(loss, variables))
         reached = [g for g in grads if g is not None]
+        # Under a dynamic loss scale the scaled gradient overflows now and then (always at
+        # first, the scale starting at 2^15): v would be NaN, and the forward pass at w + v
+        # would write NaN into the BatchNorm moving statistics for good.
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in reached])
         with tf.control_dependencies(reached):
             restored = [s.assign(v) for s, v in zip(state, saved_state)]
         with tf.control_dependencies(restored):
@@ -98,8 +103,9 @@ class AWP(Modifier):
                     deltas.append(tf.zeros_like(w))
                     continue
                 d = self.proxy_lr * tf.cast(g, w.dtype)
-                deltas.append(self.gamma * tf.norm(w) / (tf.norm(d) + _EPS) * d)
-            return deltas
+                v = self.gamma * tf.norm(w) / (tf.norm(d) + _EPS) * d
+                deltas.append(tf.where(finite, v, tf.zeros_like(v)))
+            return deltas, finite
 
     def gradients(self, adv_model, loss_fn, take_gradients):
         """`take_gradients()` at w + v; w is put back (by assignment, bit for bit) once
@@ -109,12 +115,14 @@ class AWP(Modifier):
         with tf.control_dependencies(saved):
             if num_replicas() > 1:  # a cross-replica sum cannot sit inside tf.cond
                 on = self.epoch >= self.awp_warmup
-                deltas = [tf.where(on, d, tf.zeros_like(d))
-                          for d in self.perturbation(adv_model, loss_fn, variables)]
+                deltas, finite = self.perturbation(adv_model, loss_fn, variables)
+                deltas = [tf.where(on, d, tf.zeros_like(d)) for d in deltas]
+                finite = tf.logical_or(tf.logical_not(on), finite)
             else:
-                deltas = tf.cond(self.epoch >= self.awp_warmup,
-                                 lambda: self.perturbation(adv_model, loss_fn, variables),
-                                 lambda: [tf.zeros_like(v) for v in variables])
+                deltas, finite = tf.cond(self.epoch >= self.awp_warmup,
+                                         lambda: self.perturbation(adv_model, loss_fn, variables),
+                                         lambda: ([tf.zeros_like(v) for v in variables],
+                                                  tf.constant(True)))
         perturbed = [v.assign_add(d) for v, d in zip(variables, deltas)]
         with tf.control_dependencies(perturbed):
             grads, logs = take_gradients()
@@ -122,8 +130,12 @@ class AWP(Modifier):
         with tf.control_dependencies(taken):
             restored = [v.assign(s) for v, s in zip(variables, saved)]
         with tf.control_dependencies(restored):
-            return ([None if g is None else tf.identity(g) for g in grads],
-                    tf.nest.map_structure(tf.identity, logs))
+            # A step whose v could not be computed is not taken: its gradient is made
+            # non-finite, so a LossScaleOptimizer skips it and lowers the scale, exactly as
+            # for an overflow of the step's own gradient.
+            grads = [None if g is None else tf.where(finite, g, tf.constant(float("nan"), g.dtype))
+                     for g in grads]
+            return grads, tf.nest.map_structure(tf.identity, logs)
 
     def get_config(self):
         return {**super().get_config(), "gamma": self.gamma, "awp_warmup": self.awp_warmup,
