@@ -152,17 +152,29 @@ def train(defense, mode, x, y):
     return adv, history.history, changed
 
 
+# How far the float16 run may end from the float32 one (relative for the loss, absolute
+# for the accuracies), from the largest gaps measured over seeds 0-7 of this test's setting
+# (one intra-op thread), with about 1.5x to 2x margin. pgd_at: loss 1.9%, accuracies 0.031.
+# trades_awp: loss 7.7%, accuracies 0.062, and 8.0% on the loss in one CI run: its first
+# step overflows the initial loss scale 2^15 and is skipped, so its float16 run trains 15
+# steps to the float32 run's 16, at the start where a step moves the model most.
+TOLERANCE = {"pgd_at": (0.04, 0.06), "trades_awp": (0.12, 0.1)}
+
+
 @pytest.mark.parametrize("defense", ["pgd_at", "trades_awp"])
 def test_defenses_train_under_mixed_float16_as_under_float32(defense, fashion_train):
     x, y = fashion_train[0][:512], fashion_train[1][:512]
     adv, logs, changed = train(defense, "float16", x, y)
     assert isinstance(adv.optimizer, keras.optimizers.LossScaleOptimizer)
     assert all(v.dtype == "float32" for v in adv.model.trainable_variables) and changed
+    assert all(np.isfinite(v.numpy()).all() for v in adv.model.weights)  # BN statistics too
     _, reference, _ = train(defense, "off", x, y)
     assert np.isfinite(logs["loss"]).all() and logs["loss"][1] < logs["loss"][0], logs
-    for key in ("loss", "val_accuracy", "val_robust_accuracy"):
-        assert abs(logs[key][-1] - reference[key][-1]) < 0.06 * max(1.0, reference[key][-1]), \
-            (key, logs, reference)
+    loss_tolerance, accuracy_tolerance = TOLERANCE[defense]
+    assert abs(logs["loss"][-1] - reference["loss"][-1]) < loss_tolerance * reference["loss"][-1], \
+        (logs, reference)
+    for key in ("val_accuracy", "val_robust_accuracy"):
+        assert abs(logs[key][-1] - reference[key][-1]) < accuracy_tolerance, (key, logs, reference)
     if defense == "pgd_at":
         assert logs["val_accuracy"][-1] > 0.2  # it learns (10 classes)
 
