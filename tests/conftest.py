@@ -3,10 +3,6 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# One thread per operation: pytest-xdist runs one worker per core, so a second intra-op
-# thread per worker only competes with the other worker (its idle spinning costs CPU time).
-# Set before TensorFlow is imported; the processes the tests start inherit it.
-os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 
 # First: again_tf imports TensorFlow without its CPU start-up noise (again_tf.startup).
 from again_tf import data, models  # noqa: E402
