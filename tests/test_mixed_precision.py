@@ -153,12 +153,15 @@ def train(defense, mode, x, y):
 
 
 # How far the float16 run may end from the float32 one (relative for the loss, absolute
-# for the accuracies), from the largest gaps measured over seeds 0-7 of this test's setting
-# (one intra-op thread), with about 1.5x to 2x margin. pgd_at: loss 1.9%, accuracies 0.031.
-# trades_awp: loss 7.7%, accuracies 0.062, and 8.0% on the loss in one CI run: its first
-# step overflows the initial loss scale 2^15 and is skipped, so its float16 run trains 15
-# steps to the float32 run's 16, at the start where a step moves the model most.
-TOLERANCE = {"pgd_at": (0.04, 0.06), "trades_awp": (0.12, 0.1)}
+# for the accuracies): about 1.5x the largest gaps measured over seeds 0-7 of this test's
+# setting, with TensorFlow's default threads and with one intra-op thread. pgd_at: loss
+# 2.0%, accuracies 0.053. trades_awp: loss 13.4%, accuracies 0.074. Its 16 steps leave the
+# model near chance, where two runs drift apart by as much as seeds do (the float32 loss
+# alone ranges 2.65-3.35 over those seeds), with or without the skipped first step of the
+# float16 run (the same gaps with an initial loss scale of 256, where no step is skipped).
+# What it guards is a float16 run that does not train or is not finite; AWP's NaN case is
+# test_awp_skips_a_step_whose_scaled_proxy_gradient_overflows.
+TOLERANCE = {"pgd_at": (0.04, 0.08), "trades_awp": (0.2, 0.11)}
 
 
 @pytest.mark.parametrize("defense", ["pgd_at", "trades_awp"])
