@@ -185,7 +185,7 @@ def test_defenses_train_under_mixed_float16_as_under_float32(defense, fashion_tr
 def test_awp_skips_a_step_whose_scaled_proxy_gradient_overflows():
     """A loss scale so large that AWP's ascent gradient overflows float16: v would be NaN,
     and the pass at w + v would write NaN into the BatchNorm statistics for good (a whole
-    run then trains on nothing: seen with trades_awp, whose first steps overflow at the
+    run then trains on nothing: seen with trades_awp, whose first step overflowed at the
     default initial scale 2^15). The step must be skipped and the scale lowered instead,
     and the next step, at a scale that fits, taken."""
     from again_tf.defenses import AWP, Standard

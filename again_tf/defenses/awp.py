@@ -90,9 +90,9 @@ class AWP(Modifier):
             loss = adv_model.optimizer.scale_loss(scale_for_replicas(loss_fn()))
         grads = sum_over_replicas(tape.gradient(loss, variables))
         reached = [g for g in grads if g is not None]
-        # Under a dynamic loss scale the scaled gradient overflows now and then (always at
-        # first, the scale starting at 2^15): v would be NaN, and the forward pass at w + v
-        # would write NaN into the BatchNorm moving statistics for good.
+        # Under a dynamic loss scale the scaled gradient overflows now and then (trades_awp's
+        # first step did, the scale starting at 2^15): v would be NaN, and the forward pass at
+        # w + v would write NaN into the BatchNorm moving statistics for good.
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in reached])
         with tf.control_dependencies(reached):
             restored = [s.assign(v) for s, v in zip(state, saved_state)]
