@@ -132,7 +132,6 @@ def scaled_input_gradient(x_adv, y, loss_fn, max_retries=8):
     _, _, grad, _ = tf.while_loop(lambda i, e, g, done: ~tf.reduce_all(done), retry,
                                   (tf.constant(0), exponent, grad, done),
                                   maximum_iterations=max_retries)
-    del tape
     return grad, loss
 
 

@@ -202,7 +202,6 @@ class FAB(SubsetAttack):
         FAB-T: K' = 1, f = z_t − z_y. FAB: every class, with f_y = 1e10 so the true
         class is never chosen.
         """
-        batch = tf.shape(x1)[0]
         if target is not None:
             with tf.GradientTape() as tape:
                 tape.watch(x1)
