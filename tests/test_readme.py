@@ -39,9 +39,11 @@ def shell_commands():
     """`python X.py ...` commands of the README's code (fenced or indented), one string each."""
     commands = []
     text = readme()
-    code = re.findall(r"^```(?:sh|bash|shell)?\n(.*?)^```", text, flags=re.S | re.M)
+    # Every fence in order (a closing fence must not open the next block), then the shell ones.
+    code = [body for tag, body in re.findall(r"^```(\w*)\n(.*?)^```", text, flags=re.S | re.M)
+            if tag in ("", "sh", "bash", "shell")]
     code += re.findall(r"((?:^    .*\n)+)", text, flags=re.M)
-    code += re.findall(r"`(python [^`]+)`", text)
+    code += [" ".join(span.split()) for span in re.findall(r"`(python [^`]+)`", text)]  # may wrap
     for chunk in code:
         for line in chunk.replace("\\\n", " ").splitlines():
             for part in line.split("&&"):

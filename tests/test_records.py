@@ -8,20 +8,16 @@ number edited by hand, or a record changed without the README, fails here.
 """
 
 import os
-import re
+import shlex
 import shutil
 
 import pytest
 from helpers import ROOT, run_main
+from test_readme import readme, shell_commands
 
 RECORDS = os.path.join(ROOT, "benchmarks", "records")
 DEFENSE_RUN = ["--from_runs", "--epochs=3", "--train_size=10000", "--val_size=500",
                "--test_images=1000", "--aa_images=500"]
-
-
-def readme():
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        return f.read()
 
 
 def rows(stdout):
@@ -31,16 +27,9 @@ def rows(stdout):
 
 
 def readme_commands(script):
-    """The `python <script> --from_runs ...` commands of the README, one argv each."""
-    text = readme().replace("\\\n", " ")
-    fenced = re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.S | re.M)
-    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
-    # Code blocks' lines (fenced or indented), and inline code, which may wrap over lines.
-    pieces = "\n".join(fenced + [prose]).splitlines()
-    pieces += [" ".join(span.split()) for span in re.findall(r"`([^`]+)`", prose)]
-    found = {m.group(1).split("#")[0].strip() for piece in pieces
-             for m in re.finditer(rf"^\s*python {re.escape(script)} (--from_runs.*)$", piece)}
-    return [command.split() for command in sorted(found)]
+    """The README's `python <script> --from_runs ...` commands, one argv each."""
+    return [shlex.split(c)[2:] for c in shell_commands()
+            if c.startswith(f"python {script} --from_runs")]
 
 
 HEADLINE = "none,pgd_at,again_pgd,again_pgd_hff,awp,again_awp,cas"
