@@ -44,6 +44,9 @@ show "—" there; "·" is a measurement not made (AutoAttack outside `--aa_defen
 `--seeds=0,1,2` trains each defense once per seed (only the first seed for rows outside
 `--seeds_for`, if given); cells show mean ± half the range (max − min)/2 over the seeds.
 
+The row bat trains on memorization scores: run `python benchmarks/memorization.py
+--train_size=<the same --train_size>` first (it writes the default `--memorization_scores`).
+
 Runs are kept in `--out_dir` (default `runs/defenses/<model>_w<width>/`), one folder per
 defense and seed (`<defense>/seed<k>`): `evaluate.py --model_path=<that folder>` re-attacks
 one. A rerun skips the finished runs (results.json, same configuration), resumes the
@@ -110,6 +113,10 @@ flags.DEFINE_list("seeds_for", [], "Rows that get every seed of --seeds; the oth
                   "first one only. Default (empty): every row gets every seed.")
 flags.DEFINE_integer("aa_images", 500, "Test images of the AutoAttack column (0: no AutoAttack).")
 flags.DEFINE_list("aa_defenses", list(HEADLINE), "Rows that get the AutoAttack column.")
+flags.DEFINE_string("memorization_scores", None, "train.py's --memorization_scores for the rows "
+                    "that use them (bat). Default: the file `python benchmarks/memorization.py "
+                    "--train_size=<--train_size>` writes, benchmarks/fashion_mnist_memorization"
+                    "_<train_size>.npy (relative to the repository, where the script runs).")
 flags.DEFINE_bool("cw", False, "Add the adaptive CW-∞ column (as the small-CNN table).")
 flags.DEFINE_string("out_dir", None, "Folder of the runs, one subfolder <defense>/seed<k> per "
                     "run. Default: runs/defenses/<model>_w<width>.")
@@ -165,6 +172,15 @@ def with_aa(defense):
     return FLAGS.aa_images > 0 and defense in FLAGS.aa_defenses
 
 
+def memorization_scores(base):
+    """--memorization_scores of a run of `base`: None unless the defense uses them."""
+    if not registry.needs(base, "uses_index"):
+        return None
+    return FLAGS.memorization_scores or os.path.join(
+        "benchmarks", "fashion_mnist_memorization"
+        + (f"_{FLAGS.train_size}" if FLAGS.train_size else "") + ".npy")
+
+
 def train_config(defense, seed, run_dir):
     from again_tf import training
 
@@ -175,7 +191,8 @@ def train_config(defense, seed, run_dir):
         step_size=STEP, attack_steps=FLAGS.attack_steps, eval_steps=10,
         val_size=FLAGS.val_size, train_size=FLAGS.train_size, test_images=FLAGS.test_images,
         test_attacks=("clean",),  # the robust columns are measured here, once
-        defense_params=recipe_params(defense), seed=seed, out_dir=run_dir, verbose=0)
+        defense_params=recipe_params(defense), memorization_scores=memorization_scores(base),
+        seed=seed, out_dir=run_dir, verbose=0)
 
 
 def train_command(cfg):
@@ -183,6 +200,8 @@ def train_command(cfg):
     args = [f"--defense={cfg.defense}"]
     if cfg.defense_params:
         args.append(f"--defense_params={params_text(cfg.defense_params)}")
+    if cfg.memorization_scores:
+        args.append(f"--memorization_scores={cfg.memorization_scores}")
     args += [f"--model={cfg.model}"] + ([f"--width={cfg.width}"] if cfg.width else [])
     args += [f"--epochs={cfg.epochs}", f"--train_size={cfg.train_size}",
              f"--val_size={cfg.val_size}", f"--test_images={cfg.test_images}",
@@ -203,6 +222,8 @@ def row_command(defense, out_dir, default_out_dir):
     args += ([f"--aa_images={FLAGS.aa_images}", f"--aa_defenses={defense}"] if with_aa(defense)
              else ["--aa_images=0"])
     args += ["--cw"] if FLAGS.cw else []
+    if FLAGS.memorization_scores and memorization_scores(VARIANTS.get(defense, (defense,))[0]):
+        args.append(f"--memorization_scores={FLAGS.memorization_scores}")
     if out_dir != default_out_dir:
         args.append(f"--out_dir={out_dir}")
     args.append(f"--json={os.path.join(out_dir, defense + '.json')}")

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from again_tf import evaluation, models
 from again_tf.attacks import PGD, EarlyStoppedPGD, PolicyPGD
-from helpers import run_main
+from helpers import load_script, run_main
 from again_tf.defenses import (AWP, FAT, FATTRADES, LASAT, LBGAT, MART, TRADES,
                                AdversarialModel, Standard, registry)
 
@@ -620,3 +620,28 @@ def test_benchmark_script_keeps_the_table_when_a_defense_fails(tmp_path):
         damaged = run_main(*script[1:], "--defenses=none", "--from_runs")
         assert damaged.returncode != 0, text
         assert f"the record {record} {reason}" in damaged.stderr, damaged.stderr
+
+
+def test_benchmark_passes_memorization_scores_to_the_rows_that_use_them():
+    """bat trains on per-example scores: by default the file `benchmarks/memorization.py
+    --train_size=<N>` writes, or --memorization_scores; other rows get none."""
+    from absl import flags
+
+    script = load_script(os.path.join("benchmarks", "defenses.py"))
+    try:
+        flags.FLAGS(["defenses.py", "--train_size=256"])
+        bat = script["train_config"]("bat", 0, "runs/bat")
+        assert bat.memorization_scores == os.path.join(
+            "benchmarks", "fashion_mnist_memorization_256.npy")
+        assert (f"--memorization_scores={bat.memorization_scores}"
+                in script["train_command"](bat))
+        plain = script["train_config"]("pgd_at", 0, "runs/pgd_at")
+        assert plain.memorization_scores is None
+        assert "--memorization_scores" not in script["train_command"](plain)
+        flags.FLAGS(["defenses.py", "--memorization_scores=/data/mem.npy"])
+        assert script["train_config"]("bat", 0, "b").memorization_scores == "/data/mem.npy"
+        assert ("--memorization_scores=/data/mem.npy"
+                in script["row_command"]("bat", "runs", "runs"))
+        assert "--memorization_scores" not in script["row_command"]("pgd_at", "runs", "runs")
+    finally:
+        flags.FLAGS.unparse_flags()
