@@ -17,6 +17,11 @@ with its history: rerun the same command), then drawn as the paper's two panels,
 and tabulated: final and best test accuracy and the train − test gap at the last epoch
 and at the epoch of the best test robust accuracy.
 
+`--from_runs` trains nothing; it tabulates only runs whose run.json is the configuration its
+flags ask for (seed, sizes, hyper-parameters...) and whose measured epochs are those of
+`--epochs`/`--eval_every`, and names the first run that is not (the PGD steps of the
+measurements, `--eval_steps`, are not in run.json and are not checked).
+
 Variants: a registered defense name, or `again_pgd_hff` (AGAIN's full method, ASE and
 HFF, `hff=1`; the official code never calls HFF, so `again_pgd` leaves it off).
 """
@@ -109,19 +114,61 @@ def generalization_callback(train_xy, test_xy, eval_steps, seed):
     return Generalization()
 
 
-def train_variant(name, out_dir, train_xy, test_xy):
+# run.json keys that depend on the machine or the invocation, not on what is trained.
+NOT_CONFIGURATION = ("out_dir", "resume", "verbose", "jit_compile", "data_dir")
+
+
+def run_config(name, out_dir):
+    """The train.py configuration of the run of `name` these flags ask for."""
     from again_tf import training
 
     defense, params = variant(name)
-    cfg = training.TrainConfig(
+    return training.TrainConfig(
         defense=defense, dataset="fashion_mnist", model=FLAGS.model, width=FLAGS.width,
         epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, optimizer="adam", lr=FLAGS.lr,
         eps=EPS, step_size=STEP, attack_steps=FLAGS.attack_steps, eval_steps=0, val_size=0,
         train_size=FLAGS.train_size, test_images=FLAGS.eval_images, test_attacks=("clean",),
         defense_params=params, seed=FLAGS.seed, out_dir=os.path.join(out_dir, name),
         resume=True, verbose=2)
+
+
+def train_variant(name, out_dir, train_xy, test_xy):
+    from again_tf import training
+
     callback = generalization_callback(train_xy, test_xy, FLAGS.eval_steps, FLAGS.seed)
-    training.train(cfg, callbacks=[callback])
+    training.train(run_config(name, out_dir), callbacks=[callback])
+
+
+def check_run(name, out_dir):
+    """--from_runs: the run folder of `name` must hold a run of the configuration these
+    flags ask for (seed, sizes, epochs, hyper-parameters), else the table would mix
+    settings silently; and its measured epochs must be those of --eval_every."""
+    import dataclasses
+
+    from again_tf import training
+
+    run_dir = os.path.join(out_dir, name)
+    path = os.path.join(run_dir, "run.json")
+    if not os.path.exists(path):
+        raise ScriptError(f"{run_dir} has no run.json: train it first (without --from_runs)")
+    with open(path) as f:
+        saved = json.load(f)
+    mine = json.loads(json.dumps(dataclasses.asdict(training.resolve(run_config(
+        name, out_dir))[0]), default=list))
+    differ = [f"{k}={saved[k]!r} (these flags: {mine[k]!r})" for k in sorted(
+        set(saved) & set(mine) - set(NOT_CONFIGURATION) - {"epochs"}) if saved[k] != mine[k]]
+    if differ:
+        raise ScriptError(f"{run_dir} was trained with another configuration than these "
+                          f"flags ask for: {', '.join(differ)}")
+    epochs = history(run_dir)["epoch"]
+    expected = [e + 1 for e in range(FLAGS.epochs) if measured(e)]
+    if epochs != expected and epochs == expected[:len(epochs)]:
+        raise ScriptError(f"{run_dir} is unfinished (measured up to epoch {epochs[-1]} of "
+                          f"--epochs={FLAGS.epochs}): rerun without --from_runs to train the "
+                          f"rest")
+    if epochs != expected:
+        raise ScriptError(f"{run_dir} was measured at epochs {epochs}, not at {expected} "
+                          f"as --epochs={FLAGS.epochs} --eval_every={FLAGS.eval_every} ask")
 
 
 def history(run_dir):
@@ -224,6 +271,9 @@ def run():
         for name in names:
             print(f"== {name}", flush=True)
             train_variant(name, FLAGS.out_dir, train_xy, test_xy)
+    else:
+        for name in names:
+            check_run(name, FLAGS.out_dir)
     histories = {name: history(os.path.join(FLAGS.out_dir, name)) for name in names}
     rows = [summary(name, h) for name, h in histories.items()]
     paths = plot(histories, FLAGS.out_dir)

@@ -37,5 +37,15 @@ def test_generalization_script_logs_draws_and_resumes(tmp_path):
     assert (out / "generalization_standard.png").stat().st_size > 1000
     assert (out / "generalization_robust.png").stat().st_size > 1000
     assert "| pgd_at |" in second.stdout and "| again_pgd |" in second.stdout
+    # --from_runs tabulates only runs of the configuration its flags ask for.
+    redrawn = run_main(*args[1:], "--epochs=3", "--from_runs")
+    assert redrawn.returncode == 0 and "| again_pgd |" in redrawn.stdout, redrawn.stderr
+    for other, says in (("--seed=1", "seed=0 (these flags: 1)"),
+                        ("--train_size=128", "train_size=96 (these flags: 128)"),
+                        ("--eval_every=2", "not at [1, 2, 3] as --epochs=3 --eval_every=2 ask"),
+                        ("--epochs=4", "unfinished (measured up to epoch 3 of --epochs=4)")):
+        mismatch = run_main(*args[1:], "--epochs=3", "--from_runs", other)
+        assert mismatch.returncode != 0 and says in mismatch.stderr, (other, mismatch.stderr)
+        assert mismatch.stderr.count("\n") == 1, mismatch.stderr  # one line
     bad = run_main(args[1], "--defenses=nope")
     assert bad.returncode == 2 and "--defenses: unknown 'nope'" in bad.stderr
