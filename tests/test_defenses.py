@@ -633,6 +633,7 @@ def test_benchmark_passes_memorization_scores_to_the_rows_that_use_them():
         bat = script["train_config"]("bat", 0, "runs/bat")
         assert bat.memorization_scores == os.path.join(
             "benchmarks", "fashion_mnist_memorization_256.npy")
+        assert "memorization_scores" not in bat.defense_params  # one file, the flag's
         assert (f"--memorization_scores={bat.memorization_scores}"
                 in script["train_command"](bat))
         plain = script["train_config"]("pgd_at", 0, "runs/pgd_at")
