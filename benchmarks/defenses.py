@@ -78,7 +78,9 @@ sys.path.insert(0, ROOT)
 from absl import app, flags  # noqa: E402
 
 from again_tf.defenses import registry  # noqa: E402
-from benchmarks.recipes import VARIANTS, recipe_params  # noqa: E402
+from benchmarks.recipes import (VARIANTS, base_defense, memorization_file,  # noqa: E402
+                                recipe_params)
+from benchmarks.runs import NOT_CONFIGURATION, config_differences  # noqa: E402
 # The headline rows: AutoAttack by default, and the rows the README asks 3 seeds of.
 HEADLINE = ("none", "pgd_at", "again_pgd", "again_awp", "awp", "cas", "again_pgd_hff")
 
@@ -144,8 +146,6 @@ COLUMNS = (("clean", "clean"), ("pgd20", "PGD-20"), ("aa", "AutoAttack"),
            ("train_seconds", "train s"))
 SAME_AS_PGD20 = ("pgd20_combined", "pgd20_main", "pgd20_mask")  # "=" without aux heads
 AUX_ONLY = ("aux_clean", "aux_pgd20", "agree_clean", "agree_pgd20")  # "—" without aux heads
-# run.json keys that depend on the machine or the invocation, not on what is trained.
-NOT_CONFIGURATION = ("out_dir", "resume", "verbose", "jit_compile", "data_dir")
 RUN_ERRORS = (ValueError, OSError, FloatingPointError, KeyError)
 
 
@@ -176,9 +176,7 @@ def memorization_scores(base):
     """--memorization_scores of a run of `base`: None unless the defense uses them."""
     if not registry.needs(base, "uses_index"):
         return None
-    return FLAGS.memorization_scores or os.path.join(
-        "benchmarks", "fashion_mnist_memorization"
-        + (f"_{FLAGS.train_size}" if FLAGS.train_size else "") + ".npy")
+    return FLAGS.memorization_scores or memorization_file("fashion_mnist", FLAGS.train_size)
 
 
 def train_config(defense, seed, run_dir):
@@ -222,7 +220,7 @@ def row_command(defense, out_dir, default_out_dir):
     args += ([f"--aa_images={FLAGS.aa_images}", f"--aa_defenses={defense}"] if with_aa(defense)
              else ["--aa_images=0"])
     args += ["--cw"] if FLAGS.cw else []
-    if FLAGS.memorization_scores and memorization_scores(VARIANTS.get(defense, (defense,))[0]):
+    if FLAGS.memorization_scores and memorization_scores(base_defense(defense)[0]):
         args.append(f"--memorization_scores={FLAGS.memorization_scores}")
     if out_dir != default_out_dir:
         args.append(f"--out_dir={out_dir}")
@@ -230,17 +228,9 @@ def row_command(defense, out_dir, default_out_dir):
     return shlex.join(["python", "benchmarks/defenses.py"] + args)
 
 
-def _json(cfg):
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
-
-
 def same_config(previous, cfg):
     """True if a run's saved configuration (run.json) is the one `cfg` would train."""
-    from again_tf import training
-
-    mine = _json(training.resolve(cfg)[0])
-    return all(previous[k] == mine[k]
-               for k in set(previous) & set(mine) - set(NOT_CONFIGURATION))
+    return not config_differences(previous, cfg)
 
 
 def finished(cfg):

@@ -36,6 +36,7 @@ sys.path.insert(0, ROOT)
 from absl import app, flags  # noqa: E402
 
 from benchmarks.recipes import base_defense, recipe_params  # noqa: E402
+from benchmarks.runs import config_differences  # noqa: E402
 from benchmarks.script_cli import ScriptError, run_or_exit  # noqa: E402
 
 flags.DEFINE_list("defenses", ["pgd_at", "again_pgd", "again_pgd_hff", "awp", "again_awp"],
@@ -114,10 +115,6 @@ def generalization_callback(train_xy, test_xy, eval_steps, seed):
     return Generalization()
 
 
-# run.json keys that depend on the machine or the invocation, not on what is trained.
-NOT_CONFIGURATION = ("out_dir", "resume", "verbose", "jit_compile", "data_dir")
-
-
 def run_config(name, out_dir):
     """The train.py configuration of the run of `name` these flags ask for."""
     from again_tf import training
@@ -143,20 +140,14 @@ def check_run(name, out_dir):
     """--from_runs: the run folder of `name` must hold a run of the configuration these
     flags ask for (seed, sizes, epochs, hyper-parameters), else the table would mix
     settings silently; and its measured epochs must be those of --eval_every."""
-    import dataclasses
-
-    from again_tf import training
-
     run_dir = os.path.join(out_dir, name)
     path = os.path.join(run_dir, "run.json")
     if not os.path.exists(path):
         raise ScriptError(f"{run_dir} has no run.json: train it first (without --from_runs)")
     with open(path) as f:
         saved = json.load(f)
-    mine = json.loads(json.dumps(dataclasses.asdict(training.resolve(run_config(
-        name, out_dir))[0]), default=list))
-    differ = [f"{k}={saved[k]!r} (these flags: {mine[k]!r})" for k in sorted(
-        set(saved) & set(mine) - set(NOT_CONFIGURATION) - {"epochs"}) if saved[k] != mine[k]]
+    differ = [f"{k}={theirs!r} (these flags: {mine!r})" for k, theirs, mine in
+              config_differences(saved, run_config(name, out_dir), ignore=("epochs",))]
     if differ:
         raise ScriptError(f"{run_dir} was trained with another configuration than these "
                           f"flags ask for: {', '.join(differ)}")

@@ -22,6 +22,8 @@ sys.path.insert(0, ROOT)
 
 from absl import app, flags  # noqa: E402
 
+from benchmarks.recipes import memorization_file  # noqa: E402
+
 flags.DEFINE_string("dataset", "fashion_mnist", "Dataset whose training split is scored.")
 flags.DEFINE_string("data_dir", None, "Folder with the dataset's files (see train.py).")
 flags.DEFINE_integer("train_size", 0, "Score the first N training images (0: all).")
@@ -65,9 +67,7 @@ def main(argv):
     x = x.astype(np.float32) / 255.0
     tag = f"{FLAGS.dataset}_{FLAGS.train_size or 'all'}_{FLAGS.defense}"
     checkpoint_dir = FLAGS.checkpoint_dir or os.path.join(ROOT, "runs", "memorization", tag)
-    out = FLAGS.out or os.path.join(
-        ROOT, "benchmarks", f"{FLAGS.dataset}_memorization"
-        + (f"_{FLAGS.train_size}" if FLAGS.train_size else "") + ".npy")
+    out = FLAGS.out or os.path.join(ROOT, memorization_file(FLAGS.dataset, FLAGS.train_size))
     eps = definitions.fraction(FLAGS.eps, "eps") or info.eps
     kwargs = {"width": FLAGS.width} if FLAGS.model == "small_cnn" else {}
     print(f"Scoring {len(y)} {FLAGS.dataset} training images with K={FLAGS.num_models} "

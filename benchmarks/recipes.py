@@ -48,3 +48,10 @@ def recipe_params(name):
                                                         "defense_params")
             break
     return {**params, **extra}
+
+
+def memorization_file(dataset, train_size):
+    """Where `benchmarks/memorization.py` writes the scores of `dataset`'s first `train_size`
+    training images (0: all), relative to the repository: what BAT's rows read."""
+    return os.path.join("benchmarks", f"{dataset}_memorization"
+                        + (f"_{train_size}" if train_size else "") + ".npy")
