@@ -462,6 +462,12 @@ def test_adversarial_model_refuses_bad_batches(tiny_net):
     bad = tf.data.Dataset.from_tensor_slices((IMAGES, np.array([0, 1, 2, 11]))).batch(2)
     with pytest.raises(tf.errors.InvalidArgumentError, match="model has 10 classes"):
         adv.evaluate(bad, verbose=0)
+    bad = tf.data.Dataset.from_tensor_slices((IMAGES - 0.5, np.arange(4))).batch(2)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="images hold negative values"):
+        adv.fit(bad, epochs=1, verbose=0)
+    bad = tf.data.Dataset.from_tensor_slices((IMAGES, np.array([0, -1, 2, 3]))).batch(2)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="negative labels"):
+        adv.evaluate(bad, verbose=0)
     uint8 = tf.data.Dataset.from_tensor_slices(((IMAGES * 255).astype(np.uint8),
                                                 np.arange(4))).batch(2)
     with pytest.raises(ValueError, match="uint8 images"):
