@@ -195,7 +195,7 @@ def test_cli_bad_input_gives_one_clear_line(args, message, tmp_path):
 
 
 def test_cli_trains_end_to_end(tmp_path):
-    out = run_cli("--epochs=1", "--train_size=640", "--val_size=128", "--test_images=64",
+    out = run_cli("--epochs=1", "--train_size=256", "--val_size=64", "--test_images=32",
                   "--attack_steps=2", "--eval_steps=2", "--width=4", "--verbose=2",
                   f"--out_dir={tmp_path}/cli")
     assert out.returncode == 0, out.stderr[-3000:]
