@@ -51,13 +51,6 @@ def _already_inserted(model, layers):
                for point, layer in layers.items())
 
 
-def _check(condition, message):
-    """An in-graph assertion that fails with `message`. With only a string to report,
-    TensorFlow adds a single Assert op; its `assert_*` helpers, which also report the
-    tensors, put each check in a `tf.cond`: two more graphs to trace per check and step."""
-    return tf.debugging.Assert(condition, [message])
-
-
 @keras.saving.register_keras_serializable(package="again_tf")
 class AdversarialModel(keras.Model):
     """Wraps a classifier so that `fit` trains it with a defense and `evaluate` attacks it.
@@ -350,24 +343,29 @@ class AdversarialModel(keras.Model):
             raise ValueError(f"AdversarialModel received {x.dtype.name} images; expected float "
                              f"images in [0, 1] (divide by 255)")
         x = tf.cast(x, tf.float32)
-        checks = [_check(tf.reduce_all(tf.math.is_finite(x)),
-                         "AdversarialModel: the images hold NaN or infinite values; expected "
-                         "finite images in [0, 1]")]
+        checks = [
+            tf.debugging.assert_all_finite(
+                x, "AdversarialModel: the images hold NaN or infinite values; expected "
+                   "finite images in [0, 1]")]
         if self._attacks_inputs():
             checks += [
-                _check(tf.reduce_max(x) <= 1.0, "AdversarialModel: the images hold values "
-                       "above 1; expected images in [0, 1] (divide by 255)"),
-                _check(tf.reduce_min(x) >= 0.0, "AdversarialModel: the images hold negative "
-                       "values; expected images in [0, 1] (normalization belongs in the "
-                       "model)"),
+                tf.debugging.assert_less_equal(
+                    tf.reduce_max(x), 1.0, message="AdversarialModel: the images hold values "
+                    "above 1; expected images in [0, 1] (divide by 255)"),
+                tf.debugging.assert_greater_equal(
+                    tf.reduce_min(x), 0.0, message="AdversarialModel: the images hold "
+                    "negative values; expected images in [0, 1] (normalization belongs in "
+                    "the model)"),
             ]
         classes = self.num_classes()
         if classes:
             labels = tf.cast(y, tf.int64)
-            checks.append(_check(tf.reduce_all(labels >= 0), "AdversarialModel: negative "
-                                 f"labels; expected labels in [0, {classes})"))
-            checks.append(_check(tf.reduce_all(labels < classes), "AdversarialModel: labels "
-                                 f"of {classes} or more; the model has {classes} classes"))
+            checks.append(tf.debugging.assert_non_negative(
+                labels, message="AdversarialModel: negative labels; expected labels in "
+                f"[0, {classes})"))
+            checks.append(tf.debugging.assert_less(
+                labels, tf.constant(classes, tf.int64), message="AdversarialModel: labels "
+                f"of {classes} or more; the model has {classes} classes"))
         with tf.control_dependencies(checks):
             return tf.identity(x)
 
