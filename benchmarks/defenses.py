@@ -220,7 +220,7 @@ def row_command(defense, out_dir, default_out_dir):
     args += ([f"--aa_images={FLAGS.aa_images}", f"--aa_defenses={defense}"] if with_aa(defense)
              else ["--aa_images=0"])
     args += ["--cw"] if FLAGS.cw else []
-    if FLAGS.memorization_scores and memorization_scores(base_defense(defense)[0]):
+    if FLAGS.memorization_scores and registry.needs(base_defense(defense)[0], "uses_index"):
         args.append(f"--memorization_scores={FLAGS.memorization_scores}")
     if out_dir != default_out_dir:
         args.append(f"--out_dir={out_dir}")
