@@ -126,9 +126,18 @@ SAVED["trades_cas_awp_objects"] = lambda net: AdversarialModel(
     modifiers=[defenses.CAS(), defenses.AWP(gamma=0.003)], **SAVE_SETTINGS)
 
 
-# The loaded model's next step compiled: the headline defense, a composition of objects, the
-# periodic two-function step (LAS-AT) and per-example state (BAT).
-COMPILED_AFTER_LOADING = {"again_pgd", "trades_cas_awp_objects", "las_at", "bat"}
+# Compiled on both sides of the save (first fit, then the loaded model's next step): the
+# headline defense, a composition of objects, the periodic two-function step (LAS-AT) and
+# per-example state (BAT). The other names run eagerly here (a trace less each): what this
+# test checks is the state that is saved and comes back; their compiled steps run elsewhere:
+# none/pgd_at/trades/mart in test_defenses_beat_standard_training, fat/lbgat/las_at in
+# test_checkpoint_holds_the_defense_state, fat_trades/mart_awp/classwise_trades through
+# train.py, awp/trades_awp on mirrored replicas (test_distribution) and trades_awp under mixed
+# precision, again_* with HFF in test_again_defenses_train_and_reach_the_aux_heads, cas/
+# cas_trades/cas_mart/cifs in test_layers_cas_cifs, classwise in
+# test_epoch_end_update_uses_held_out_pgd_error, again_pgd and cas with their default
+# points in test_adaptive_eval's trained models.
+COMPILED = {"again_pgd", "trades_cas_awp_objects", "las_at", "bat"}
 
 
 def attack_random_states(adv):
@@ -156,7 +165,12 @@ def test_a_saved_adversarial_model_loads_back_the_same(name, tmp_path):
     fit = dict(epochs=1, verbose=0)
     if any(getattr(p, "needs_holdout", False) for p in [adv.objective] + adv.modifiers):
         fit["validation_data"] = (x, y)  # class-wise weights update from held-out data
-    adv.fit(data(), **fit)
+    eager = name not in COMPILED
+    tf.config.run_functions_eagerly(eager)
+    try:
+        adv.fit(data(), **fit)
+    finally:
+        tf.config.run_functions_eagerly(False)
     adv.save(tmp_path / "adv.keras")
     back = keras.saving.load_model(tmp_path / "adv.keras")
     assert back.defense_name == adv.defense_name
@@ -179,10 +193,8 @@ def test_a_saved_adversarial_model_loads_back_the_same(name, tmp_path):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
     for mine, theirs in zip(attack_random_states(adv), attack_random_states(back), strict=True):
         theirs.state.assign(mine.state.value)
-    # The first fit ran every name's compiled step; the next step checks the state that came
-    # back, so it runs eagerly (a second trace per model) but for a few names, compiled.
-    # Eagerly, one batch (the next step is what must match); compiled, both batches.
-    eager = name not in COMPILED_AFTER_LOADING
+    # The same next step: eagerly, one batch (the next step is what must match); compiled,
+    # both batches.
     tf.config.run_functions_eagerly(eager)
     try:
         adv.fit(data().take(1) if eager else data(), **fit)
