@@ -15,7 +15,7 @@ import tensorflow as tf
 from again_tf import checkpoint, training
 from again_tf.defenses import PGDAT, registry
 from again_tf.training import RunError, TrainConfig
-from helpers import load_script, run_main, serve_saved_model, sigint_as_a_terminal_sends_it
+from helpers import load_script, run_main, serve_saved_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The run's life does not depend on the network: the small CNN traces in seconds, where the
@@ -204,27 +204,35 @@ def test_cli_trains_end_to_end(tmp_path):
     assert again.returncode != 0 and "holds a run already" in again.stderr
 
 
-def test_ctrl_c_saves_and_resume_finishes(tmp_path):
-    """SIGINT mid-run: state saved, exit 130; --resume then completes the run."""
+def test_ctrl_c_saves_and_resume_finishes(tmp_path, python_sigint_handler):
+    """SIGINT mid-run, sent as a terminal sends it (to the process, from outside the training
+    thread) once the first epoch is committed: state saved, exit 130; --resume then completes
+    the run. Through train.py's main in this process; a real process' exit code 130 is
+    tests/test_faults.py's sigint_first_step case."""
+    import threading
     import time
 
     out = tmp_path / "int"
-    args = [sys.executable, "train.py", "--epochs=30", "--train_size=640", "--val_size=128",
-            "--test_images=64", "--attack_steps=2", "--eval_steps=2", "--width=4",
-            "--model=small_cnn", "--test_attacks=clean", "--verbose=0", f"--out_dir={out}"]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=sigint_as_a_terminal_sends_it)
-    deadline = time.time() + 300
-    while not (out / "metrics.json").exists() and time.time() < deadline:
-        time.sleep(0.5)
-    assert (out / "metrics.json").exists(), proc.kill() or proc.communicate()[1][-2000:]
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    args = ["--epochs=30", "--train_size=640", "--val_size=128", "--test_images=64",
+            "--attack_steps=2", "--eval_steps=2", "--width=4", "--model=small_cnn",
+            "--test_attacks=clean", "--verbose=0", f"--out_dir={out}"]
+
+    def interrupt_after_the_first_epoch():
+        deadline = time.time() + 300
+        while not (out / "metrics.json").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    terminal = threading.Thread(target=interrupt_after_the_first_epoch, daemon=True)
+    terminal.start()
+    interrupted = run_main("train.py", *args)
+    terminal.join()
+    assert interrupted.returncode == 130, interrupted.stderr[-2000:]
+    assert "rerun with --resume to continue" in interrupted.stdout
     state = checkpoint.read_json(str(out / "checkpoint/state.json"))
     assert state["interrupted"] and 1 <= state["epoch"] < 30
-    done = run_main("train.py", *(a for a in args[2:] if not a.startswith("--epochs")),
-                   f"--epochs={state['epoch'] + 1}", "--resume")
+    done = run_main("train.py", *(a for a in args if not a.startswith("--epochs")),
+                    f"--epochs={state['epoch'] + 1}", "--resume")
     assert done.returncode == 0, done.stderr[-2000:]
     history = json.load(open(out / "metrics.json"))
     assert [h["epoch"] for h in history] == list(range(1, state["epoch"] + 2))
