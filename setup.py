@@ -27,7 +27,7 @@ setup(
     ],
     extras_require={
         "gpu": ["tensorflow[and-cuda]>=2.16"],
-        "test": ["pytest", "pytest-timeout", "pytest-xdist"],
+        "test": ["pytest", "pytest-timeout", "pytest-xdist>=3.8"],  # 3.8: --no-loadscope-reorder
         # benchmarks/versus_pytorch.py. Pinned: on the project's machines pip takes this
         # release's CPU build from local disk (a newer torch is a multi-GB CUDA build).
         # torchattacks goes in separately with --no-deps (it declares torchvision and an

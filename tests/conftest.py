@@ -38,13 +38,13 @@ def trained_cnn(fashion_train):
     return model
 
 
-# The longest files first (by their idle durations), so that pytest-xdist's per-file
-# scheduling (`--dist loadfile`) does not end with one worker on a long file while the
-# other waits.
-LONGEST_FIRST = ["test_adversarial_model.py", "test_faults.py", "test_defenses.py",
-                 "test_training.py", "test_adaptive_eval.py", "test_distribution.py",
-                 "test_models.py", "test_readme.py", "test_mixed_precision.py",
-                 "test_autoattack.py"]
+# The longest files first (by their durations in an idle run of the whole suite), so that
+# pytest-xdist's per-file scheduling (`--dist loadfile --no-loadscope-reorder`, pytest.ini)
+# does not end with one worker on a long file while the other waits.
+LONGEST_FIRST = ["test_faults.py", "test_defenses.py", "test_adaptive_eval.py",
+                 "test_distribution.py", "test_mixed_precision.py", "test_adversarial_model.py",
+                 "test_autoattack.py", "test_training.py", "test_readme.py",
+                 "test_eval_attacks.py", "test_models.py", "test_generalization.py"]
 
 
 def pytest_collection_modifyitems(items):
