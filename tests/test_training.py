@@ -210,23 +210,27 @@ def test_ctrl_c_saves_and_resume_finishes(tmp_path, python_sigint_handler):
     the run. Through train.py's main in this process; a real process' exit code 130 is
     tests/test_faults.py's sigint_first_step case."""
     import threading
-    import time
 
     out = tmp_path / "int"
     args = ["--epochs=30", "--train_size=640", "--val_size=128", "--test_images=64",
             "--attack_steps=2", "--eval_steps=2", "--width=4", "--model=small_cnn",
             "--test_attacks=clean", "--verbose=0", f"--out_dir={out}"]
 
+    returned = threading.Event()
+
     def interrupt_after_the_first_epoch():
-        deadline = time.time() + 300
-        while not (out / "metrics.json").exists() and time.time() < deadline:
-            time.sleep(0.05)
+        while not (out / "metrics.json").exists():
+            if returned.wait(0.05):
+                return  # the run ended by itself: a SIGINT now would hit the test, not the run
         os.kill(os.getpid(), signal.SIGINT)
 
     terminal = threading.Thread(target=interrupt_after_the_first_epoch, daemon=True)
     terminal.start()
-    interrupted = run_main("train.py", *args)
-    terminal.join()
+    try:
+        interrupted = run_main("train.py", *args)
+    finally:
+        returned.set()
+        terminal.join()
     assert interrupted.returncode == 130, interrupted.stderr[-2000:]
     assert "rerun with --resume to continue" in interrupted.stdout
     state = checkpoint.read_json(str(out / "checkpoint/state.json"))
