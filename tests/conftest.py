@@ -2,16 +2,23 @@
 
 import os
 
+import pytest
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# First: again_tf imports TensorFlow without its CPU start-up noise (again_tf.startup).
-from again_tf import data, models  # noqa: E402
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+
+def pytest_configure(config):
+    # pytest-xdist's controller only hands out files: TensorFlow (~5 CPU-seconds to import)
+    # is loaded by the processes that run tests, the workers or a run without xdist.
+    if os.environ.get("PYTEST_XDIST_WORKER") or config.getoption("dist", "no") == "no":
+        # First: again_tf imports TensorFlow without its CPU start-up noise (again_tf.startup).
+        import again_tf  # noqa: F401
 
 
 def fashion(split):
+    import numpy as np
+    from again_tf import data
+
     x, y = data.load_arrays("fashion_mnist", split)
     return x.astype(np.float32) / 255.0, y.astype(np.int64)
 
@@ -28,7 +35,10 @@ def fashion_test():
 
 @pytest.fixture(scope="session")
 def trained_cnn(fashion_train):
-    """A small CNN trained normally for 2 epochs on 3,000 images (~80% clean accuracy)."""
+    """A small CNN trained normally for 3 epochs on 3,000 images (~80% clean accuracy)."""
+    import keras
+    from again_tf import models
+
     keras.utils.set_random_seed(0)
     model = models.SmallCNN(num_classes=10, width=8, hidden=64, mean=(0.286,), std=(0.353,))
     model.compile(optimizer=keras.optimizers.Adam(2e-3),
