@@ -26,7 +26,13 @@ are tracing: tracing is paid once per new model, defense or attack a test builds
 
 import argparse
 import collections
+import os
 import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from script_cli import ScriptError, run_or_exit  # noqa: E402
 
 CATEGORIES = [("import", "_find_and_load ("), ("trace", "func_graph_from_py_func ("),
               ("compiled call", "call_flat ("), ("eager op", "quick_execute (")]
@@ -71,15 +77,24 @@ def test_file(frames):
     return "(outside any test file: pytest, conftest.py)"
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("profile", help="py-spy record --format raw output")
+    parser.add_argument("profile", help="the output of py-spy record --format raw")
     parser.add_argument("--top", type=int, default=25, help="test files to list")
     args = parser.parse_args(argv)
+    if args.top < 1:
+        parser.error(f"--top={args.top}: expected a count >= 1")
+    return args
+
+
+def report(args):
+    if not os.path.isfile(args.profile):
+        raise ScriptError(f"{args.profile}: no such file; expected the output of "
+                          f"py-spy record --format raw")
     stacks = read_stacks(args.profile)
     if not stacks:
-        raise SystemExit(f"{args.profile}: no 'frames count' lines; expected the output of "
-                         f"py-spy record --format raw")
+        raise ScriptError(f"{args.profile}: no 'frames count' lines; expected the output of "
+                          f"py-spy record --format raw")
     total = sum(n for _, n in stacks)
     by_category = collections.Counter()
     by_file = collections.Counter()
@@ -98,6 +113,11 @@ def main(argv=None):
           f"largest")
     for where, n in by_file.most_common(args.top):
         print(f"  {n:7d} {100 * n / total:5.1f}%  ({traced[where]:6d})  {where}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run_or_exit(lambda: report(args))
 
 
 if __name__ == "__main__":

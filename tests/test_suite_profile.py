@@ -3,6 +3,8 @@
 import os
 import runpy
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTEST = 'process 11:"python -m pytest -q -n 0 tests"'
 # As py-spy --subprocesses --format raw writes them: a child under its parent, and a child
@@ -40,3 +42,20 @@ def test_samples_by_kind_and_by_file(tmp_path, capsys):
                 "4 21.1% ( 0) subprocess: python -c import os x = 3 print(x)",
                 "2 10.5% ( 0) (outside any test file: pytest, conftest.py)"):
         assert row in lines, (row, lines)
+
+
+def test_bad_input_gives_one_line(tmp_path, capsys):
+    script = runpy.run_path(os.path.join(ROOT, "benchmarks", "suite_profile.py"),
+                            run_name="suite_profile")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("not a profile\n")
+    for path, expected in ((tmp_path / "missing.txt", "no such file"),
+                           (empty, "no 'frames count' lines")):
+        with pytest.raises(SystemExit) as exit_info:
+            script["main"]([str(path)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(path) in err[0] and expected in err[0], err
+    with pytest.raises(SystemExit):
+        script["parse_args"](["p.txt", "--top=0"])
+    assert "--top=0: expected a count >= 1" in capsys.readouterr().err
