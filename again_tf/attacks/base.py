@@ -163,10 +163,9 @@ class Attack:
     Call `attack(x, y)` on a batch, or `attack(x, y, loss_fn)` with a custom per-example
     loss `loss_fn(x_adv, y) -> (batch,)` of the adversarial input (e.g.
     `heads.objective_fn(model, "aux")`); labels are required (the attack never
-    substitutes the model's own predictions). Both are compiled (`compiled`), without
-    AutoGraph, as Keras compiles a `train_step`: write `loss_fn` with tensor operations
-    (`tf.where`, not a Python `if` on a tensor). Inside a `tf.function` (a `train_step`),
-    call `attack.perturb(x, y, loss_fn)`, the same attack uncompiled.
+    substitutes the model's own predictions). Both are compiled (`compiled`). Inside a
+    `tf.function` (a `train_step`), call `attack.perturb(x, y, loss_fn)`, the same
+    attack uncompiled.
     """
 
     def __init__(self, model, eps, norm="linf", loss="ce", targeted=False, training=False,
@@ -270,7 +269,7 @@ class Attack:
             # A partial, not a lambda: TensorFlow's retracing warning keys on the code
             # object, and would count each objective's own function as a retrace. No
             # AutoGraph: the attacks' loops are tf.while_loop, as `perturb` also runs in
-            # Keras' train steps, which are not converted; converting cost ~0.7 s per process.
+            # Keras' train steps, which are not converted; converting cost ~0.5 s per process.
             fn = tf.function(functools.partial(self.perturb, loss_fn=loss_fn),
                              input_signature=signature,
                              jit_compile=self.jit_compile, autograph=False,
