@@ -183,7 +183,7 @@ def parse_attack(name, model, eps, step_size=None, norm="linf", seed=0, **option
 def predictor(model):
     """A compiled function: images -> argmax predictions of `model` in inference mode."""
     return tf.function(lambda b: tf.argmax(forward(model, b, training=False)["logits"], -1),
-                       reduce_retracing=True, autograph=False)
+                       reduce_retracing=True)
 
 
 def predictions(predict, x, batch_size=256):

@@ -222,7 +222,7 @@ def estimate(x, y, num_models=8, subset_ratio=0.7, model="small_cnn", model_kwar
         if measure == "adversarial":
             attack = PGD(net, eps, step_size, eval_steps, seed=seed)
         logits_fn = tf.function(lambda b: forward(net, b, training=False)["logits"],
-                                reduce_retracing=True, autograph=False)
+                                reduce_retracing=True)
         out = []
         for i in range(0, n, 512):
             xb, yb = tf.constant(x[i:i + 512]), tf.constant(y[i:i + 512])

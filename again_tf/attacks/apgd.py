@@ -71,6 +71,8 @@ class SubsetAttack(Attack):
     XLA-compiled.
     """
 
+    _autograph = False
+
     def __init__(self, model, eps, norm="linf", seed=None, training=False, **kwargs):
         if norm not in NORMS:
             raise ValueError(f"Unknown norm {norm!r}. Expected one of: {', '.join(NORMS)}")

@@ -168,6 +168,9 @@ class Attack:
     attack uncompiled.
     """
 
+    # SubsetAttack's components trace without AutoGraph (their loops are tf.while_loop).
+    _autograph = True
+
     def __init__(self, model, eps, norm="linf", loss="ce", targeted=False, training=False,
                  seed=None, jit_compile=False, update_statistics=False):
         if not 0.0 < float(eps) <= 1.0:
@@ -267,12 +270,10 @@ class Attack:
                 signature = [tf.TensorSpec((None,) + tuple(image_shape), tf.float32),
                              tf.TensorSpec((None,), tf.int32)]
             # A partial, not a lambda: TensorFlow's retracing warning keys on the code
-            # object, and would count each objective's own function as a retrace. No
-            # AutoGraph: the attacks' loops are tf.while_loop, as `perturb` also runs in
-            # Keras' train steps, which are not converted; converting cost ~0.5 s per process.
+            # object, and would count each objective's own function as a retrace.
             fn = tf.function(functools.partial(self.perturb, loss_fn=loss_fn),
                              input_signature=signature,
-                             jit_compile=self.jit_compile, autograph=False,
+                             jit_compile=self.jit_compile, autograph=self._autograph,
                              reduce_retracing=signature is None)
             self._compiled[key] = fn
         return fn

@@ -146,7 +146,7 @@ class _Measure:
         self.num_classes, self.batch_size = int(num_classes), int(batch_size)
         self._logits = tf.function(
             lambda b: tf.cast(forward(model, b, training=False)["logits"], tf.float32),
-            reduce_retracing=True, autograph=False)
+            reduce_retracing=True)
 
     def __call__(self):
         out = []
