@@ -44,7 +44,8 @@ def read_stacks(path):
     `--subprocesses` each stack starts with "process PID:<command line>" frames (a child's
     under its parent's), and a command line run with `python -c` carries its code,
     newlines included: records then start where a line starts with "process "."""
-    text = open(path, encoding="utf-8", errors="replace").read()
+    with open(path, encoding="utf-8", errors="replace") as f:  # missing: run_or_exit's line
+        text = f.read()
     records = (re.split(r"\n(?=process \d+:)", text) if text.startswith("process ")
                else text.split("\n"))
     stacks = []
@@ -63,7 +64,7 @@ def category(frames):
     return "other Python"
 
 
-def test_file(frames):
+def place(frames):
     """The test file whose code is on the stack, or the process the suite started (what a
     test runs in a subprocess: its stack holds no test file)."""
     for frame in frames:
@@ -88,9 +89,6 @@ def parse_args(argv=None):
 
 
 def report(args):
-    if not os.path.isfile(args.profile):
-        raise ScriptError(f"{args.profile}: no such file; expected the output of "
-                          f"py-spy record --format raw")
     stacks = read_stacks(args.profile)
     if not stacks:
         raise ScriptError(f"{args.profile}: no 'frames count' lines; expected the output of "
@@ -102,7 +100,7 @@ def report(args):
     for frames, n in stacks:
         kind = category(frames)
         by_category[kind] += n
-        where = test_file(frames)
+        where = place(frames)
         by_file[where] += n
         if kind == "trace":
             traced[where] += n

@@ -25,11 +25,15 @@ RAW = "\n".join([
 ]) + "\n"
 
 
-def test_samples_by_kind_and_by_file(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def script():
+    return runpy.run_path(os.path.join(ROOT, "benchmarks", "suite_profile.py"),
+                          run_name="suite_profile")
+
+
+def test_samples_by_kind_and_by_file(script, tmp_path, capsys):
     path = tmp_path / "suite.txt"
     path.write_text(RAW)
-    script = runpy.run_path(os.path.join(ROOT, "benchmarks", "suite_profile.py"),
-                            run_name="suite_profile")
     stacks = script["read_stacks"](str(path))
     assert [n for _, n in stacks] == [7, 4, 2, 1, 3, 2]
     script["main"]([str(path)])
@@ -44,12 +48,10 @@ def test_samples_by_kind_and_by_file(tmp_path, capsys):
         assert row in lines, (row, lines)
 
 
-def test_bad_input_gives_one_line(tmp_path, capsys):
-    script = runpy.run_path(os.path.join(ROOT, "benchmarks", "suite_profile.py"),
-                            run_name="suite_profile")
+def test_bad_input_gives_one_line(script, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("not a profile\n")
-    for path, expected in ((tmp_path / "missing.txt", "no such file"),
+    for path, expected in ((tmp_path / "missing.txt", "No such file or directory"),
                            (empty, "no 'frames count' lines")):
         with pytest.raises(SystemExit) as exit_info:
             script["main"]([str(path)])
