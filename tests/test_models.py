@@ -241,6 +241,116 @@ def test_blocks_on_odd_sizes_and_their_configs(block):
     assert len(clone.weights) == len(block.weights)
 
 
+def test_strided_pointwise_conv_is_the_strided_conv():
+    """The same function, kernel and output shape as `Conv2D(filters, 1, strides=s)`, for
+    even and odd sizes; kept in its config."""
+    from again_tf.models.resnet import StridedPointwiseConv2D
+
+    for size, stride in ((8, 2), (7, 2), (7, 3)):
+        x = images((size, size, 3))
+        layer = StridedPointwiseConv2D(5, subsample=stride, use_bias=False)
+        strided = keras.layers.Conv2D(5, 1, strides=stride, padding="valid", use_bias=False)
+        y = layer(x)
+        strided.build(x.shape)
+        strided.set_weights(layer.get_weights())
+        assert y.shape == strided(x).shape == (2, -(-size // stride), -(-size // stride), 5)
+        np.testing.assert_allclose(y, strided(x), rtol=1e-5, atol=1e-6)
+        assert tuple(layer.compute_output_shape((None, size, size, 3))) == (None,) + y.shape[1:]
+        clone = StridedPointwiseConv2D.from_config(layer.get_config())
+        assert clone.subsample == stride and clone.strides == (1, 1)
+    with pytest.raises(ValueError, match="subsample"):
+        StridedPointwiseConv2D(5, subsample=0)
+
+
+# In a fresh process whose oneDNN may use AVX2 code only (what a CPU without AVX-512 runs)
+# and one intra-op thread: the gradient of every block's strided 1x1 shortcut kernel, on 4
+# input channels, against NumPy. oneDNN's strided 1x1 weight gradient gets it wrong there
+# (or corrupts the heap); see StridedPointwiseConv2D.
+AVX2_SHORTCUTS = """
+import os
+os.environ.update(ONEDNN_MAX_CPU_ISA="AVX2", TF_NUM_INTRAOP_THREADS="1",
+                  TF_CPP_MIN_LOG_LEVEL="3")
+import numpy as np, tensorflow as tf
+from again_tf import models
+rng = np.random.default_rng(0)
+for block in (models.BasicBlock(8, strides=2), models.PreActBlock(8, strides=2),
+              models.WideBasicBlock(8, strides=2)):
+    block.build((None, 28, 28, 4))
+    shortcut = getattr(block, "shortcut", None) or block.shortcut_conv
+    for _ in range(5):
+        x = rng.normal(size=(8, 28, 28, 4)).astype(np.float32)
+        with tf.GradientTape() as tape:
+            y = shortcut(tf.constant(x))
+            loss = tf.reduce_sum(y * y)
+        got = tape.gradient(loss, shortcut.kernel).numpy()[0, 0]
+        want = np.einsum("nijc,nijo->co", x[:, ::2, ::2].astype(np.float64),
+                         2 * y.numpy().astype(np.float64))
+        error = np.abs(got - want).max() / np.abs(want).max()
+        assert error < 1e-5, (type(block).__name__, error)
+print("ok")
+"""
+
+
+def test_shortcut_kernel_gradients_are_right_on_avx2_code():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", AVX2_SHORTCUTS], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_a_users_strided_pointwise_conv_on_few_channels_is_warned_about(tmp_path, monkeypatch):
+    """AdversarialModel warns for a model of the user's own that would take oneDNN's faulty
+    gradient on this CPU (read from a cpuinfo file here), and only then."""
+    import warnings
+
+    from again_tf import onednn
+    from again_tf.defenses import AdversarialModel
+
+    def net(first):
+        return keras.Sequential([keras.Input((8, 8, 3)), first, keras.layers.Flatten(),
+                                 keras.layers.Dense(3)])
+
+    avx2, avx512 = tmp_path / "avx2", tmp_path / "avx512"
+    avx2.write_text("processor : 0\nflags : fpu sse4_2 avx avx2 fma\n")
+    avx512.write_text("flags : avx2 avx512f avx512dq avx512bw avx512vl\n")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    assert onednn.takes_avx2_code(str(avx2)) is True
+    assert onednn.takes_avx2_code(str(avx512)) is False
+    assert onednn.takes_avx2_code(str(tmp_path / "missing")) is None
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert onednn.takes_avx2_code(str(avx512)) is True
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    assert onednn.takes_avx2_code(str(avx2)) is False
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS")
+
+    faulty = net(keras.layers.Conv2D(4, 1, strides=2, name="down"))
+    assert onednn.affected_layers(faulty) == ["down"]
+    with pytest.warns(UserWarning, match="down: 1x1 convolution.*StridedPointwiseConv2D"):
+        onednn.check_model(faulty, str(avx2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        onednn.check_model(faulty, str(avx512))
+        for fine in (keras.layers.Conv2D(4, 1, strides=1), keras.layers.Conv2D(4, 3, strides=2),
+                     models.StridedPointwiseConv2D(4, subsample=2)):
+            assert onednn.affected_layers(net(fine)) == []
+        wide = keras.Sequential([keras.Input((8, 8, 8)), keras.layers.Conv2D(4, 1, strides=2)])
+        assert onednn.affected_layers(wide) == []  # 8 channels: a full block of AVX2 code
+        # Every network of again_tf.models, at widths under 8 too.
+        for name, kwargs in (("preact_resnet18", {"width": 4}), ("resnet18", {"width": 2}),
+                             ("wrn", {"depth": 10, "widen_factor": 1})):
+            model = models.build(name, 10, **kwargs)
+            model.build((None, 28, 28, 1))
+            assert onednn.affected_layers(model) == [], name
+    monkeypatch.setattr(onednn, "takes_avx2_code", lambda cpuinfo=None: True)
+    with pytest.warns(UserWarning, match="down: 1x1 convolution"):
+        AdversarialModel(net(keras.layers.Conv2D(4, 1, strides=2, name="down")),
+                         defense="pgd_at", eps=0.1).build((None, 8, 8, 3))
+
+
 def test_batchnorm_statistics_move_only_in_training():
     model, x = built("small_cnn")
     stats = lambda: [v.numpy().copy() for v in model.non_trainable_variables]  # noqa: E731

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from again_tf import heads
+from again_tf import heads, onednn
 from again_tf.attacks import losses
 from again_tf.attacks.base import (PROBABILITIES_WARNING, check_images, check_labels,
                                    looks_like_probabilities)
@@ -373,6 +373,7 @@ class AdversarialModel(keras.Model):
         self._checked_input_shape = tuple(input_shape)[1:]
         if not self.model.built:
             self.model.build(input_shape)
+        onednn.check_model(self.model)
         for piece in [self.objective] + self.modifiers:
             if not piece.built:
                 piece.build(input_shape)

@@ -7,7 +7,8 @@
 from again_tf.catalog import MODELS  # the names, kept free of TensorFlow for the CLI help
 from again_tf.models.base import PENULTIMATE, Classifier, Standardize, forward
 from again_tf.models.preact_resnet import PreActBlock, PreActResNet18
-from again_tf.models.resnet import BasicBlock, BNReLU, ConvBNReLU, ResNet18
+from again_tf.models.resnet import (BasicBlock, BNReLU, ConvBNReLU, ResNet18,
+                                    StridedPointwiseConv2D)
 from again_tf.models.small_cnn import ConvStage, HiddenDense, SmallCNN
 from again_tf.models.wide_resnet import WideBasicBlock, WideResNet
 
@@ -57,5 +58,6 @@ def build(name, num_classes, mean=(0.0,), std=(1.0,), inserts=None, **kwargs):
 __all__ = [
     "MODELS", "PENULTIMATE", "BasicBlock", "BNReLU", "Classifier", "ConvBNReLU", "ConvStage",
     "HiddenDense", "PreActBlock", "PreActResNet18", "ResNet18", "SmallCNN", "Standardize",
+    "StridedPointwiseConv2D",
     "WideBasicBlock", "WideResNet", "build", "forward",
 ]

@@ -20,11 +20,58 @@ BN_EPSILON = 1e-5
 def conv2d(filters, kernel_size=3, strides=1, name=None):
     """A bias-free, He-normal `Conv2D`: "same" padding at stride 1, "valid" otherwise.
 
-    At stride > 1 a kernel larger than 1 needs `torch_padding(...)` in front of it.
+    At stride > 1 a kernel larger than 1 needs `torch_padding(...)` in front of it; a 1x1
+    kernel at stride > 1 is a `StridedPointwiseConv2D` (same function, same weights).
     """
+    if kernel_size == 1 and strides > 1:
+        return StridedPointwiseConv2D(filters, subsample=strides, use_bias=False,
+                                      kernel_initializer="he_normal", name=name)
     return keras.layers.Conv2D(
         filters, kernel_size, strides=strides, padding="same" if strides == 1 else "valid",
         use_bias=False, kernel_initializer="he_normal", name=name)
+
+
+@keras.saving.register_keras_serializable(package="again_tf")
+class StridedPointwiseConv2D(keras.layers.Conv2D):
+    """`Conv2D(filters, 1, strides=s)` computed as a stride-1 1x1 convolution of the input's
+    every s-th row and column (`x[:, ::s, ::s]`, channels last).
+
+    A 1x1 kernel at stride s reads exactly those pixels, so the function, the `kernel`
+    variable and the saved weights are those of the strided `Conv2D`. Why not the strided
+    op itself: on CPUs without AVX-512, TensorFlow 2.21's oneDNN kernel for the weight
+    gradient of a strided 1x1 convolution with fewer than 8 input channels writes past its
+    workspace (oneDNN issue #6035): wrong kernel gradients (relative error ~0.5-0.9,
+    measured with ONEDNN_MAX_CPU_ISA=AVX2), and heap corruption with one intra-op thread.
+    Its stride-1 kernel is not affected (`again_tf.onednn`; tests/test_models.py checks the
+    blocks' shortcut gradients in a process held to AVX2 code).
+
+    Args:
+        filters: number of output channels.
+        subsample: the stride s, >= 1. Default 2.
+        **kwargs: other `Conv2D` arguments (kernel size, strides and padding are fixed).
+
+    Input shape: `(batch, height, width, channels)`.
+    Output shape: `(batch, ceil(height / s), ceil(width / s), filters)`.
+    """
+
+    def __init__(self, filters, subsample=2, **kwargs):
+        if int(subsample) < 1:
+            raise ValueError(f"Expected `subsample` >= 1. Received: subsample={subsample}")
+        kwargs.update(kernel_size=1, strides=1, padding="valid", data_format="channels_last")
+        super().__init__(filters, **kwargs)
+        self.subsample = int(subsample)
+
+    def call(self, inputs):
+        s = self.subsample
+        return super().call(inputs[:, ::s, ::s, :])
+
+    def compute_output_shape(self, input_shape):
+        return conv_output_shape(input_shape, self.filters, self.subsample)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(subsample=self.subsample)
+        return config
 
 
 def torch_padding(kernel_size, strides, name=None):
