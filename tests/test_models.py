@@ -262,6 +262,38 @@ def test_strided_pointwise_conv_is_the_strided_conv():
         StridedPointwiseConv2D(5, subsample=0)
 
 
+def test_files_saved_with_strided_conv_shortcuts_load_into_the_new_layers(tmp_path,
+                                                                           monkeypatch):
+    """Models saved before the shortcuts became StridedPointwiseConv2D (a strided Conv2D,
+    rebuilt here by swapping `conv2d` back) load with the same outputs."""
+    from again_tf.models import resnet
+
+    def old_conv2d(filters, kernel_size=3, strides=1, name=None):
+        return keras.layers.Conv2D(
+            filters, kernel_size, strides=strides, padding="same" if strides == 1 else "valid",
+            use_bias=False, kernel_initializer="he_normal", name=name)
+
+    x = images((28, 28, 1), batch=4)
+    saved = {}
+    with monkeypatch.context() as patch:
+        for module in ("resnet", "preact_resnet", "wide_resnet"):
+            patch.setattr(f"again_tf.models.{module}.conv2d", old_conv2d)
+        for name, kwargs in (("resnet18", {"width": 4}), ("preact_resnet18", {"width": 4}),
+                             ("wrn", {"depth": 10, "widen_factor": 1})):
+            keras.utils.set_random_seed(0)
+            model = models.build(name, 10, **kwargs)
+            model.build((None, 28, 28, 1))
+            assert not any(isinstance(layer, resnet.StridedPointwiseConv2D)
+                           for layer in model._flatten_layers())
+            model.save(tmp_path / f"{name}.keras")
+            saved[name] = np.asarray(model(x, training=False))
+    for name, expected in saved.items():
+        loaded = keras.saving.load_model(tmp_path / f"{name}.keras")
+        assert any(isinstance(layer, resnet.StridedPointwiseConv2D)
+                   for layer in loaded._flatten_layers()), name
+        np.testing.assert_allclose(loaded(x, training=False), expected, rtol=1e-5, atol=1e-6)
+
+
 # In a fresh process whose oneDNN may use AVX2 code only (what a CPU without AVX-512 runs)
 # and one intra-op thread: the gradient of every block's strided 1x1 shortcut kernel, on 4
 # input channels, against NumPy. oneDNN's strided 1x1 weight gradient gets it wrong there
