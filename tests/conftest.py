@@ -5,13 +5,6 @@ import os
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# One thread per operation: pytest-xdist runs one worker per core, so a second intra-op
-# thread per worker only competes with the other worker. Set before TensorFlow is imported;
-# the processes the tests start inherit it. Reverted once (80fe08e): on a CPU without
-# AVX-512, one thread turned a oneDNN fault in a strided 1x1 convolution's weight gradient
-# into heap corruption; the models no longer run that kernel (again_tf.onednn), and the
-# whole suite passes with one thread and oneDNN held to AVX2 code (ONEDNN_MAX_CPU_ISA=AVX2).
-os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 
 
 def pytest_configure(config):
