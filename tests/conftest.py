@@ -14,6 +14,24 @@ def pytest_configure(config):
         # First: again_tf imports TensorFlow without its CPU start-up noise (again_tf.startup).
         import again_tf  # noqa: F401
 
+        if os.environ.get("AGAIN_TF_TEST_OP_STACKS") != "1":
+            without_op_stacks()
+
+
+def without_op_stacks():
+    """Every graph operation TensorFlow creates records the Python stack that created it,
+    for the "defined at" part of its error messages: 15% of the suite's tracing samples
+    (README, "Tests"; `python benchmarks/op_stacks.py` times a model's first `fit` with
+    and without). The tests' processes record one constant stack instead; the scripts'
+    subprocesses keep TensorFlow's. What is computed does not change, only where a graph
+    error says its op was made. AGAIN_TF_TEST_OP_STACKS=1 keeps the stacks, for debugging."""
+    from tensorflow.python.util import tf_stack  # private: TensorFlow has no switch for it
+
+    if not callable(getattr(tf_stack, "extract_stack", None)):
+        return  # a TensorFlow without it (constraints.txt pins one with it): stacks kept
+    constant = tf_stack.extract_stack()
+    tf_stack.extract_stack = lambda stacklevel=1: constant
+
 
 def fashion(split):
     import numpy as np

@@ -22,7 +22,7 @@ import pytest
 from helpers import ROOT, load_script
 
 README = os.path.join(ROOT, "README.md")
-README_IMAGES = 256
+README_IMAGES = 128  # one training batch of the README's 128
 FULL = os.environ.get("AGAIN_TF_README_FULL") == "1"
 
 
