@@ -21,7 +21,7 @@ def pytest_configure(config):
 def without_op_stacks():
     """Every graph operation TensorFlow creates records the Python stack that created it,
     for the "defined at" part of its error messages: 15% of the suite's tracing samples
-    (README, "Tests"; `python benchmarks/op_stacks.py` times a model's first `fit` with
+    (docs/testing.md; `python benchmarks/op_stacks.py` times a model's first `fit` with
     and without). The tests' processes record one constant stack instead; the scripts'
     subprocesses keep TensorFlow's. What is computed does not change, only where a graph
     error says its op was made. AGAIN_TF_TEST_OP_STACKS=1 keeps the stacks, for debugging."""

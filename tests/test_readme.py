@@ -5,10 +5,11 @@ So that README and code cannot drift apart:
   temporary folder; only its size is shrunk, by a fixture that caps what any split of
   `again_tf.data.load`/`load_arrays` returns (`README_IMAGES` images) and the epochs of
   `fit` (1). Set AGAIN_TF_README_FULL=1 to run the blocks at their written size.
-- every `python <script> ...` command in README.md (indented or fenced) is parsed by its
-  script's own flags and its configuration validated, all scripts in the test process
-  (the scripts define their flags at import; each script's are removed before the next). The main job itself,
-  `python train.py`, runs end to end in tests/test_training.py's CLI test.
+- every `python <script> ...` command in README.md and the pages under docs/ (indented,
+  fenced or inline) is parsed by its script's own flags and its configuration validated,
+  all scripts in the test process (the scripts define their flags at import; each script's
+  are removed before the next). The main job itself, `python train.py`, runs end to end in
+  tests/test_training.py's CLI test.
 """
 
 import os
@@ -22,13 +23,20 @@ import pytest
 from helpers import ROOT, load_script
 
 README = os.path.join(ROOT, "README.md")
+DOCS = os.path.join(ROOT, "docs")
 README_IMAGES = 128  # one training batch of the README's 128
 FULL = os.environ.get("AGAIN_TF_README_FULL") == "1"
 
 
-def readme():
-    with open(README, encoding="utf-8") as f:
+def readme(path=README):
+    with open(path, encoding="utf-8") as f:
         return f.read()
+
+
+def pages():
+    """README.md, then the Markdown pages under docs/ (each must be linked from README.md)."""
+    return [README] + sorted(os.path.join(DOCS, name) for name in os.listdir(DOCS)
+                             if name.endswith(".md"))
 
 
 def python_blocks():
@@ -36,9 +44,10 @@ def python_blocks():
 
 
 def shell_commands():
-    """`python X.py ...` commands of the README's code (fenced or indented), one string each."""
+    """`python X.py ...` commands of the README's and the docs pages' code (fenced, indented
+    or inline), one string each."""
     commands = []
-    text = readme()
+    text = "\n".join(readme(path) for path in pages())
     # Every fence in order (a closing fence must not open the next block), then the shell ones.
     code = [body for tag, body in re.findall(r"^```(\w*)\n(.*?)^```", text, flags=re.S | re.M)
             if tag in ("", "sh", "bash", "shell")]
@@ -89,12 +98,17 @@ def test_the_readme_has_code_to_check():
     scripts = {shlex.split(c)[1] for c in shell_commands()}
     assert {"train.py", "evaluate.py", "tune.py"} <= scripts, scripts
     # No editing leftovers: half comments, placeholders, unbalanced code fences.
-    text = readme()
-    assert text.count("<!--") == text.count("-->") == 0
-    assert text.count("```") % 2 == 0
-    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
-    headings = re.findall(r"^#+ .*$", prose, flags=re.M)
-    assert len(headings) == len(set(headings)), "a heading appears twice"
+    for path in pages():
+        text = readme(path)
+        assert text.count("<!--") == text.count("-->") == 0, path
+        assert text.count("```") % 2 == 0, path
+        prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+        headings = re.findall(r"^#+ .*$", prose, flags=re.M)
+        assert len(headings) == len(set(headings)), f"a heading appears twice in {path}"
+    # Every page under docs/ is reachable from the README.
+    linked = set(re.findall(r"\]\((docs/[^)#\s]+\.md)", readme()))
+    unlinked = {os.path.relpath(p, ROOT) for p in pages()[1:]} - linked
+    assert not unlinked, f"pages under docs/ that README.md does not link: {sorted(unlinked)}"
 
 
 def test_python_blocks_run_in_order(shrunk):
