@@ -16,6 +16,8 @@ def pytest_configure(config):
 
         if os.environ.get("AGAIN_TF_TEST_OP_STACKS") != "1":
             without_op_stacks()
+        if os.environ.get("AGAIN_TF_TEST_DATA_AUTOTUNE") != "1":
+            without_data_autotuning()
 
 
 def without_op_stacks():
@@ -31,6 +33,30 @@ def without_op_stacks():
         return  # a TensorFlow without it (constraints.txt pins one with it): stacks kept
     constant = tf_stack.extract_stack()
     tf_stack.extract_stack = lambda stacklevel=1: constant
+
+
+def without_data_autotuning():
+    """Iterating a `tf.data` pipeline with autotuning on starts a model thread that sleeps
+    up to a minute between tuning rounds, and deleting the iterator waits for that thread
+    to end, with the GIL held. Deleting an iterator should wake the thread at once; now and
+    then (seen with TensorFlow 2.21.0) it does not, and the process stands still, using no
+    CPU, until the thread's sleep runs out (gdb: the main thread in `RootDataset::Iterator`'s
+    destructor waiting for its thread, that thread waiting in `Model::OptimizeLoop`; see
+    docs/testing.md). The suite makes an iterator for every epoch of `fit` and for every
+    `evaluate` and `predict`; one or two such waits cost about half its runs 50-130 s. The test
+    processes iterate every dataset with autotuning off: the same elements in the same
+    order, only prefetching and parallelism are not tuned. The scripts' subprocesses keep
+    TensorFlow's default. AGAIN_TF_TEST_DATA_AUTOTUNE=1 keeps autotuning on."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    iterate = tf.data.Dataset.__iter__
+
+    def __iter__(self):
+        return iterate(self.with_options(options))
+
+    tf.data.Dataset.__iter__ = __iter__
 
 
 def fashion(split):
