@@ -52,7 +52,7 @@ def shell_commands():
     code = [body for tag, body in re.findall(r"^```(\w*)\n(.*?)^```", text, flags=re.S | re.M)
             if tag in ("", "sh", "bash", "shell")]
     code += re.findall(r"((?:^    .*\n)+)", text, flags=re.M)
-    code += [" ".join(span.split()) for span in re.findall(r"`(python [^`]+)`", text)]  # may wrap
+    code += [" ".join(span.split()) for span in re.findall(r"`(python\s[^`]+)`", text)]  # may wrap
     for chunk in code:
         for line in chunk.replace("\\\n", " ").splitlines():
             for part in line.split("&&"):
