@@ -18,6 +18,10 @@ def pytest_configure(config):
             without_op_stacks()
         if os.environ.get("AGAIN_TF_TEST_DATA_AUTOTUNE") != "1":
             without_data_autotuning()
+        if os.environ.get("AGAIN_TF_TEST_CPU_LOG"):
+            from cpu_log import CpuLog
+
+            config.pluginmanager.register(CpuLog(os.environ["AGAIN_TF_TEST_CPU_LOG"]))
 
 
 def without_op_stacks():
