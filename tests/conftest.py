@@ -96,13 +96,20 @@ def trained_cnn(fashion_train):
     return model
 
 
-# The longest files first (by their durations in an idle run of the whole suite), so that
-# pytest-xdist's per-file scheduling (`--dist loadfile --no-loadscope-reorder`, pytest.ini)
-# does not end with one worker on a long file while the other waits.
-LONGEST_FIRST = ["test_faults.py", "test_defenses.py", "test_adaptive_eval.py",
-                 "test_distribution.py", "test_mixed_precision.py", "test_adversarial_model.py",
-                 "test_autoattack.py", "test_training.py", "test_readme.py",
-                 "test_eval_attacks.py", "test_models.py", "test_generalization.py"]
+# The files by the CPU seconds their tests use, largest first (`python benchmarks/suite_cpu.py`
+# on an idle run's AGAIN_TF_TEST_CPU_LOG, docs/testing.md), so that pytest-xdist's per-file
+# scheduling (`--dist loadfile --no-loadscope-reorder`, pytest.ini) hands out the small files
+# last and the workers end together. Files not listed (under a CPU-second each) go last.
+LONGEST_FIRST = ["test_adaptive_eval.py", "test_faults.py", "test_defenses.py",
+                 "test_distribution.py", "test_mixed_precision.py",
+                 "test_adversarial_model.py", "test_training.py", "test_autoattack.py",
+                 "test_models.py", "test_generalization.py", "test_evaluate.py",
+                 "test_eval_attacks.py", "test_readme.py", "test_eval_analysis.py",
+                 "test_classwise.py", "test_layers_ase_hff.py", "test_attacks_pgd.py",
+                 "test_cli.py", "test_channels.py", "test_tuning.py", "test_memorization.py",
+                 "test_versus_pytorch.py", "test_layers_cas_cifs.py", "test_attribution.py",
+                 "test_bat.py", "test_data.py", "test_suite_cpu.py", "test_official_forms.py",
+                 "test_xla.py"]
 
 
 def pytest_collection_modifyitems(items):

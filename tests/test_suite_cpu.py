@@ -89,3 +89,13 @@ def test_bad_input_gives_one_line(script, tmp_path, capsys):
     with pytest.raises(SystemExit):
         script["parse_args"](["cpu.jsonl", "--top=0"])
     assert "--top=0: expected a count >= 1" in capsys.readouterr().err
+
+
+def test_the_scheduling_order_names_existing_test_files():
+    """conftest's LONGEST_FIRST orders the files for pytest-xdist: a renamed or deleted file
+    left in it would silently fall back to the end of the run."""
+    from conftest import LONGEST_FIRST
+
+    present = set(os.listdir(os.path.join(ROOT, "tests")))
+    assert len(set(LONGEST_FIRST)) == len(LONGEST_FIRST)
+    assert [name for name in LONGEST_FIRST if name not in present] == []
