@@ -15,3 +15,13 @@ def run_or_exit(run):
     except (ScriptError, ValueError, FileNotFoundError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
+
+
+def parse_with_top(parser, argv, listed):
+    """`parser`'s arguments plus `--top` (how many of `listed` to print, default 25),
+    parsed from `argv`; `--top` below 1 is an argparse error naming it (exit 2)."""
+    parser.add_argument("--top", type=int, default=25, help=f"{listed} to list")
+    args = parser.parse_args(argv)
+    if args.top < 1:
+        parser.error(f"--top={args.top}: expected a count >= 1")
+    return args

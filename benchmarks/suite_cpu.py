@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from script_cli import ScriptError, run_or_exit  # noqa: E402
+from script_cli import ScriptError, parse_with_top, run_or_exit  # noqa: E402
 
 FIELDS = ("test", "worker", "start", "end", "cpu", "children_cpu")
 
@@ -49,11 +49,7 @@ def read_log(path):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("log", help="the file AGAIN_TF_TEST_CPU_LOG named")
-    parser.add_argument("--top", type=int, default=25, help="files and tests to list")
-    args = parser.parse_args(argv)
-    if args.top < 1:
-        parser.error(f"--top={args.top}: expected a count >= 1")
-    return args
+    return parse_with_top(parser, argv, "files and tests")
 
 
 def report(args):

@@ -32,7 +32,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from script_cli import ScriptError, run_or_exit  # noqa: E402
+from script_cli import ScriptError, parse_with_top, run_or_exit  # noqa: E402
 
 CATEGORIES = [("import", "_find_and_load ("), ("trace", "func_graph_from_py_func ("),
               ("compiled call", "call_flat ("), ("eager op", "quick_execute (")]
@@ -81,11 +81,7 @@ def place(frames):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("profile", help="the output of py-spy record --format raw")
-    parser.add_argument("--top", type=int, default=25, help="test files to list")
-    args = parser.parse_args(argv)
-    if args.top < 1:
-        parser.error(f"--top={args.top}: expected a count >= 1")
-    return args
+    return parse_with_top(parser, argv, "test files")
 
 
 def report(args):
