@@ -120,3 +120,16 @@ def run_main(script, *argv):
         os.chdir(cwd)
         sys.argv = argv0
     return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
+
+
+def script_error_line(call, capsys):
+    """Runs `call()`, which must exit with code 2 after printing exactly one line on stderr
+    (benchmarks/script_cli.py's contract for bad input), and returns that line."""
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]

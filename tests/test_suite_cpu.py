@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from cpu_log import CpuLog
-from helpers import ROOT
+from helpers import ROOT, script_error_line
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +81,8 @@ def test_bad_input_gives_one_line(script, tmp_path, capsys):
     for path, expected in ((tmp_path / "missing.jsonl", "No such file or directory"),
                            (empty, "no records; run the tests with AGAIN_TF_TEST_CPU_LOG="),
                            (broken, "line 2: expected a JSON record with test, worker")):
-        with pytest.raises(SystemExit) as exit_info:
-            script["main"]([str(path)])
-        assert exit_info.value.code == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and str(path) in err[0] and expected in err[0], err
+        line = script_error_line(lambda: script["main"]([str(path)]), capsys)
+        assert str(path) in line and expected in line, line
     with pytest.raises(SystemExit):
         script["parse_args"](["cpu.jsonl", "--top=0"])
     assert "--top=0: expected a count >= 1" in capsys.readouterr().err

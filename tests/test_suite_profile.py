@@ -5,6 +5,8 @@ import runpy
 
 import pytest
 
+from helpers import script_error_line
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTEST = 'process 11:"python -m pytest -q -n 0 tests"'
 # As py-spy --subprocesses --format raw writes them: a child under its parent, and a child
@@ -53,11 +55,8 @@ def test_bad_input_gives_one_line(script, tmp_path, capsys):
     empty.write_text("not a profile\n")
     for path, expected in ((tmp_path / "missing.txt", "No such file or directory"),
                            (empty, "no 'frames count' lines")):
-        with pytest.raises(SystemExit) as exit_info:
-            script["main"]([str(path)])
-        assert exit_info.value.code == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and str(path) in err[0] and expected in err[0], err
+        line = script_error_line(lambda: script["main"]([str(path)]), capsys)
+        assert str(path) in line and expected in line, line
     with pytest.raises(SystemExit):
         script["parse_args"](["p.txt", "--top=0"])
     assert "--top=0: expected a count >= 1" in capsys.readouterr().err
