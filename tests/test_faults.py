@@ -507,7 +507,9 @@ def small_disks(tmp_path):
 
 # Runs command-line cases through each script's main() in one process: flags are
 # dropped and defined again for each script; os._exit (train.py's exit after a failed
-# write) becomes SystemExit so the loop goes on.
+# write) becomes SystemExit so the loop goes on. A process of its own, not the test's: the
+# full-disk case leaves h5py a half-written file on the tmpfs, and run through main() in the
+# test process (2026-12-08) that process died of SIGSEGV in one of two runs.
 CLI_LOOP = textwrap.dedent("""
     import contextlib, io, json, os, runpy, sys
     from absl import flags, logging
