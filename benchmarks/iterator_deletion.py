@@ -15,11 +15,10 @@ each delete over 0.5 s as it happens, then per setting the count, the longest an
 import argparse
 import os
 import random
-import sys
 import time
 
 
-def parse_args(argv):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iterators", type=int, default=150,
                         help="iterators per setting (default 150)")
@@ -35,7 +34,7 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)  # None: sys.argv[1:], as argparse reads it
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import numpy as np
     import tensorflow as tf

@@ -52,36 +52,39 @@ def parse_args(argv=None):
     return parse_with_top(parser, argv, "files and tests")
 
 
+def cpu(record):
+    """A test's CPU seconds: its process' and its subprocesses'."""
+    return record["cpu"] + record["children_cpu"]
+
+
 def report(args):
     records = read_log(args.log)
-    total = sum(r["cpu"] + r["children_cpu"] for r in records)
+    total = max(sum(map(cpu, records)), 1e-9)
     children = sum(r["children_cpu"] for r in records)
     first = min(r["start"] for r in records)
     print(f"{len(records)} tests, {total:.0f} CPU-s, {children:.0f} of them in subprocesses "
-          f"({100 * children / max(total, 1e-9):.0f}%); {max(r['end'] for r in records) - first:.0f} s "
+          f"({100 * children / total:.0f}%); {max(r['end'] for r in records) - first:.0f} s "
           f"from the first test's start to the last one's end")
     workers = collections.defaultdict(list)
     for r in records:
         workers[r["worker"]].append(r)
     for name in sorted(workers):
         rows = workers[name]
-        print(f"  worker {name}: {len(rows)} tests, "
-              f"{sum(r['cpu'] + r['children_cpu'] for r in rows):.0f} CPU-s, "
+        print(f"  worker {name}: {len(rows)} tests, {sum(map(cpu, rows)):.0f} CPU-s, "
               f"last test ended at {max(r['end'] for r in rows) - first:.0f} s")
     by_file, in_children, tests = (collections.Counter() for _ in range(3))
     for r in records:
         name = r["test"].split("::")[0]
-        by_file[name] += r["cpu"] + r["children_cpu"]
+        by_file[name] += cpu(r)
         in_children[name] += r["children_cpu"]
         tests[name] += 1
     print(f"\nCPU-s by test file (in subprocesses), the {args.top} largest")
-    for name, cpu in by_file.most_common(args.top):
-        print(f"  {cpu:7.1f} {100 * cpu / max(total, 1e-9):5.1f}%  ({in_children[name]:6.1f})  "
+    for name, seconds in by_file.most_common(args.top):
+        print(f"  {seconds:7.1f} {100 * seconds / total:5.1f}%  ({in_children[name]:6.1f})  "
               f"{name} ({tests[name]} tests)")
     print(f"\nCPU-s by test (in subprocesses), the {args.top} largest")
-    largest = sorted(records, key=lambda r: -(r["cpu"] + r["children_cpu"]))[:args.top]
-    for r in largest:
-        print(f"  {r['cpu'] + r['children_cpu']:7.1f}  ({r['children_cpu']:6.1f})  {r['test']}")
+    for r in sorted(records, key=cpu, reverse=True)[:args.top]:
+        print(f"  {cpu(r):7.1f}  ({r['children_cpu']:6.1f})  {r['test']}")
 
 
 def main(argv=None):
