@@ -8,6 +8,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def pytest_configure(config):
+    cpu_log = None
+    if os.environ.get("AGAIN_TF_TEST_CPU_LOG"):  # checked here, in the controller too:
+        from cpu_log import CpuLog  # an unwritable file stops the run at once, in one line
+
+        cpu_log = CpuLog(os.environ["AGAIN_TF_TEST_CPU_LOG"])
     # pytest-xdist's controller only hands out files: TensorFlow (~5 CPU-seconds to import)
     # is loaded by the processes that run tests, the workers or a run without xdist.
     if os.environ.get("PYTEST_XDIST_WORKER") or config.getoption("dist", "no") == "no":
@@ -18,10 +23,8 @@ def pytest_configure(config):
             without_op_stacks()
         if os.environ.get("AGAIN_TF_TEST_DATA_AUTOTUNE") != "1":
             without_data_autotuning()
-        if os.environ.get("AGAIN_TF_TEST_CPU_LOG"):
-            from cpu_log import CpuLog
-
-            config.pluginmanager.register(CpuLog(os.environ["AGAIN_TF_TEST_CPU_LOG"]))
+        if cpu_log is not None:
+            config.pluginmanager.register(cpu_log)
 
 
 def without_op_stacks():

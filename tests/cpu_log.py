@@ -27,6 +27,11 @@ class CpuLog:
 
     def __init__(self, path):
         self.path = path
+        try:  # a log that cannot be written stops the run at its start, in one line
+            open(path, "a", encoding="utf-8").close()
+        except OSError as e:
+            raise pytest.UsageError(
+                f"AGAIN_TF_TEST_CPU_LOG={path}: cannot be written ({e.strerror})") from None
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_protocol(self, item, nextitem):

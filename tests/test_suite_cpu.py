@@ -47,6 +47,12 @@ def test_each_test_gets_its_own_and_its_subprocesses_cpu(tmp_path, monkeypatch):
     assert {r["worker"] for r in records.values()} == {os.environ.get("PYTEST_XDIST_WORKER", "-")}
 
 
+
+def test_a_log_that_cannot_be_written_is_one_usage_error(tmp_path):
+    with pytest.raises(pytest.UsageError, match=r"^AGAIN_TF_TEST_CPU_LOG=\S+/no/cpu.jsonl: "
+                                                r"cannot be written \(No such file"):
+        CpuLog(str(tmp_path / "no" / "cpu.jsonl"))
+
 LOG = [
     {"test": "tests/test_a.py::test_one", "worker": "gw0", "start": 100.0, "end": 110.0,
      "cpu": 9.0, "children_cpu": 0.0},
