@@ -1,5 +1,6 @@
 """What the analysis scripts of benchmarks/ share: one-line errors and exit code 2."""
 
+import os
 import sys
 
 
@@ -9,12 +10,17 @@ class ScriptError(Exception):
 
 def run_or_exit(run):
     """Runs `run()`; bad input (ScriptError, ValueError, a missing file) prints one line
-    `error: ...` on stderr and exits with code 2."""
+    `error: ...` on stderr and exits with code 2. A reader that stops early (`| head`)
+    ends the script quietly with code 1, as Python's documentation of SIGPIPE advises."""
     try:
         return run()
     except (ScriptError, ValueError, FileNotFoundError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:
+        # Python flushes stdout again at exit, which would raise (and print) once more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 def parse_with_top(parser, argv, listed):

@@ -94,6 +94,26 @@ def test_bad_input_gives_one_line(script, tmp_path, capsys):
     assert "--top=0: expected a count >= 1" in capsys.readouterr().err
 
 
+def test_a_reader_that_stops_early_ends_the_script_quietly(tmp_path):
+    """`python benchmarks/suite_cpu.py log | head -1`: the script's one real process (no
+    TensorFlow in it). Without run_or_exit's BrokenPipeError branch it ends with a
+    traceback on stderr."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "cpu.jsonl"
+    record = dict(LOG[0], cpu=1.0, children_cpu=0.0)
+    path.write_text("".join(json.dumps(dict(record, test=f"tests/test_{i}.py::t")) + "\n"
+                            for i in range(20000)))  # tables far larger than a pipe's buffer
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "benchmarks", "suite_cpu.py"),
+                             str(path), "--top=20000"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("20000 tests, 20000 CPU-s")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 1 and err == "", err
+
+
 def test_the_scheduling_order_names_existing_test_files():
     """conftest's LONGEST_FIRST orders the files for pytest-xdist: a renamed or deleted file
     left in it would silently fall back to the end of the run."""
