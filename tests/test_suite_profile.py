@@ -5,9 +5,8 @@ import runpy
 
 import pytest
 
-from helpers import script_error_line
+from helpers import ROOT, script_error_line
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTEST = 'process 11:"python -m pytest -q -n 0 tests"'
 # As py-spy --subprocesses --format raw writes them: a child under its parent, and a child
 # run with `python -c` whose code (newlines and a line ending in a number included) is part
